@@ -1,0 +1,1 @@
+"""igw: an inference gateway for self-hosted LLMs."""

@@ -1,0 +1,1 @@
+"""Stage 8: in-flight bookkeeping and request metrics, from pick to the end of the stream."""

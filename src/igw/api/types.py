@@ -1,0 +1,117 @@
+"""Hot-path value types: endpoints, their metric snapshots, parsed requests.
+
+They are frozen and slotted: the data layer replaces a snapshot instead of mutating it, so a
+scheduling pass never sees half-updated numbers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import StrEnum
+
+
+class Engine(StrEnum):
+    """Model-server kinds whose metric names igw knows."""
+
+    VLLM = "vllm"
+    SGLANG = "sglang"
+    TRTLLM_SERVE = "trtllm-serve"
+    TRITON_TENSORRT_LLM = "triton-tensorrt-llm"
+
+
+@dataclass(frozen=True, slots=True)
+class Endpoint:
+    """One model-server port: ``address`` is ``host:port`` exactly as the proxy must dial it."""
+
+    address: str
+    host: str
+    port: int
+    engine: Engine = Engine.VLLM
+    models: frozenset[str] | None = None
+    """Served model names, or ``None`` when the pool does not declare them (any model goes)."""
+    labels: tuple[tuple[str, str], ...] = ()
+
+    @staticmethod
+    def parse_address(address: str) -> tuple[str, int]:
+        """Split ``host:port`` / ``[v6]:port``; raise ``ValueError`` with a clear message."""
+        text = address.strip()
+        host, sep, port_text = text.rpartition(":")
+        if not sep or not host or not port_text.isdigit():
+            raise ValueError(f"endpoint {address!r} is not host:port")
+        port = int(port_text)
+        if not 0 < port < 65536:
+            raise ValueError(f"endpoint {address!r}: port {port} is out of range")
+        if host.startswith("["):
+            if not host.endswith("]"):
+                raise ValueError(f"endpoint {address!r}: unbalanced brackets")
+            host = host[1:-1]
+        elif ":" in host:
+            raise ValueError(f"endpoint {address!r}: write IPv6 hosts as [addr]:port")
+        return host, port
+
+
+def format_address(host: str, port: int) -> str:
+    """The ``host:port`` form proxies parse (IPv6 hosts in brackets)."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+@dataclass(frozen=True, slots=True)
+class EndpointMetrics:
+    """What the last scrape of an endpoint said. ``scraped_at`` is a ``time.monotonic()`` value."""
+
+    waiting: float = 0.0
+    running: float = 0.0
+    kv_usage: float = 0.0
+    """KV-cache utilisation in [0, 1]."""
+    block_size: int | None = None
+    num_gpu_blocks: int | None = None
+    scraped_at: float = 0.0
+    """0.0 means never scraped."""
+
+
+NEVER_SCRAPED = EndpointMetrics()
+
+
+class EndpointState:
+    """An endpoint plus what changes about it (metrics, load); the data layer's store owns it."""
+
+    __slots__ = ("dispatched_since_scrape", "endpoint", "failures", "inflight", "last_error", "metrics")
+
+    def __init__(self, endpoint: Endpoint) -> None:
+        self.endpoint = endpoint
+        self.metrics: EndpointMetrics = NEVER_SCRAPED
+        self.inflight = 0
+        """Requests this EPP sent there that have not finished yet."""
+        self.dispatched_since_scrape = 0
+        """Requests sent there since the last successful scrape (not yet in its queue numbers)."""
+        self.last_error: str | None = None
+        """Why the last scrape failed; ``None`` after a success."""
+        self.failures = 0
+        """Scrapes failed in a row."""
+
+    @property
+    def address(self) -> str:
+        return self.endpoint.address
+
+    def age(self, now: float) -> float:
+        """Seconds since the last successful scrape (infinite if never scraped)."""
+        scraped = self.metrics.scraped_at
+        return now - scraped if scraped else float("inf")
+
+    def __repr__(self) -> str:
+        return f"EndpointState({self.address}, inflight={self.inflight}, metrics={self.metrics})"
+
+
+@dataclass(slots=True)
+class InferenceRequest:
+    """A parsed OpenAI-style request, as the scheduler sees it."""
+
+    request_id: str
+    model: str | None
+    path: str
+    body_size: int
+    stream: bool = False
+    prompt_text: str | None = None
+    """Prompt text (completions) or a rendering of the messages (chat); None when not known."""
+    headers: dict[str, str] = field(default_factory=dict)
+    priority: int = 0

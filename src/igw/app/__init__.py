@@ -1,0 +1,1 @@
+"""Composition: builds the parts, owns their tasks and their shutdown."""

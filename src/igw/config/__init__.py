@@ -1,0 +1,1 @@
+"""Side lane: process settings and the pool file (EndpointPickerConfig files come later)."""

@@ -1,0 +1,1 @@
+"""Side lane: what igw knows about the endpoints (the pool, their metrics, their load)."""

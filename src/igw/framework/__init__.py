@@ -1,0 +1,1 @@
+"""Foundation: plugin contracts and the registry. Imports only ``igw.api``."""

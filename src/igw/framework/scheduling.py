@@ -1,0 +1,92 @@
+"""Contracts of the scheduling plugins: filters, scorers and pickers, and how they compose.
+
+A scheduling pass runs one *profile*: its filters in order (stopping when nothing is left),
+then every scorer, then the picker on the weighted sum of scores. All plugin calls happen on
+the event loop thread and must not block or await.
+"""
+
+from __future__ import annotations
+
+from abc import abstractmethod
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from enum import StrEnum
+
+from igw.api.types import EndpointState, InferenceRequest
+
+
+class Plugin:
+    """A named instance of a plugin type. ``type_name`` is the kebab-case registry key."""
+
+    type_name: str = ""
+
+    def __init__(self, name: str | None = None) -> None:
+        self.name = name or self.type_name
+
+
+class Filter(Plugin):
+    @abstractmethod
+    def filter(self, request: InferenceRequest, candidates: Sequence[EndpointState]) -> Sequence[EndpointState]:
+        """Return the candidates that may serve ``request``: a subset, in the same order.
+
+        Returning an empty sequence ends the pass with "no endpoint"; a filter that would
+        rather degrade than fail returns its input unchanged.
+        """
+
+
+class ScorerCategory(StrEnum):
+    AFFINITY = "Affinity"
+    DISTRIBUTION = "Distribution"
+    BALANCE = "Balance"
+
+
+class Scorer(Plugin):
+    category: ScorerCategory = ScorerCategory.DISTRIBUTION
+
+    @abstractmethod
+    def score(self, request: InferenceRequest, candidates: Sequence[EndpointState]) -> Sequence[float]:
+        """One score per candidate, in order, each in [0, 1] (values outside are clamped).
+
+        Called with at least one candidate. Higher is better.
+        """
+
+
+@dataclass(frozen=True, slots=True)
+class Scored:
+    endpoint: EndpointState
+    score: float
+
+
+class Picker(Plugin):
+    @abstractmethod
+    def pick(self, request: InferenceRequest, scored: Sequence[Scored]) -> list[EndpointState]:
+        """Order the endpoints to use: the first is the pick, the rest are fallbacks.
+
+        ``scored`` is never empty; return at most ``max_endpoints`` of them.
+        """
+
+
+@dataclass(frozen=True, slots=True)
+class WeightedScorer:
+    scorer: Scorer
+    weight: float = 1.0
+
+
+@dataclass(frozen=True, slots=True)
+class SchedulerProfile:
+    name: str
+    filters: tuple[Filter, ...]
+    scorers: tuple[WeightedScorer, ...]
+    picker: Picker
+
+
+@dataclass(slots=True)
+class SchedulingResult:
+    """The chosen endpoints (first = primary) and what each candidate scored, for explanations."""
+
+    profile: str
+    endpoints: list[EndpointState]
+    scores: dict[str, float] = field(default_factory=dict)
+    """Final weighted score per candidate address."""
+    plugin_scores: dict[str, dict[str, float]] = field(default_factory=dict)
+    """Raw score per scorer name, per candidate address."""

@@ -1,0 +1,1 @@
+"""Side lane: Prometheus metrics, health, logging."""

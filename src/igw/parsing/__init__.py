@@ -1,0 +1,1 @@
+"""Stage 1: turn a request body into an :class:`~igw.api.types.InferenceRequest`."""

@@ -1,0 +1,1 @@
+"""The director: the only place that sequences the stages of the request path."""

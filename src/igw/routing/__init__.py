@@ -1,0 +1,1 @@
+"""Stage 7: tell the proxy where to send the request."""

@@ -1,0 +1,43 @@
+"""``availability-filter``: avoid endpoints whose metrics are stale or whose scrapes fail.
+
+An endpoint is available when its last successful scrape is younger than
+``staleness_threshold`` and fewer than ``max_consecutive_failures`` scrapes failed in a row.
+If no candidate is available the filter returns them all: with no signal, any endpoint is
+better than refusing the request (the proxy's retries and the model server's own errors
+then speak).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+
+from igw.api.types import EndpointState, InferenceRequest
+from igw.framework.registry import register
+from igw.framework.scheduling import Filter
+
+
+@register
+class AvailabilityFilter(Filter):
+    type_name = "availability-filter"
+
+    def __init__(
+        self,
+        name: str | None = None,
+        *,
+        staleness_threshold: float = 2.0,
+        max_consecutive_failures: int = 3,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        super().__init__(name)
+        self.staleness_threshold = staleness_threshold
+        self.max_consecutive_failures = max_consecutive_failures
+        self.clock = clock
+
+    def available(self, state: EndpointState, now: float) -> bool:
+        return state.age(now) <= self.staleness_threshold and state.failures < self.max_consecutive_failures
+
+    def filter(self, request: InferenceRequest, candidates: Sequence[EndpointState]) -> Sequence[EndpointState]:
+        now = self.clock()
+        fresh = [c for c in candidates if self.available(c, now)]
+        return fresh or candidates

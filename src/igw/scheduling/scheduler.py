@@ -1,0 +1,48 @@
+"""Runs a scheduler profile: filters -> weighted scorers -> picker.
+
+The total score of an endpoint is ``sum(weight * clamp(score, 0, 1))`` over the profile's
+scorers (not normalised by the weights, as in the reference EPP).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from igw.api.errors import NoEndpoint
+from igw.api.types import EndpointState, InferenceRequest
+from igw.framework.scheduling import SchedulerProfile, SchedulingResult, Scored
+
+
+class Scheduler:
+    def __init__(self, profile: SchedulerProfile) -> None:
+        self.profile = profile
+
+    def schedule(self, request: InferenceRequest, candidates: Sequence[EndpointState]) -> SchedulingResult:
+        """Pick endpoints for ``request``; raise :class:`NoEndpoint` when none is left."""
+        profile = self.profile
+        if not candidates:
+            raise NoEndpoint("no endpoint in the pool can serve this request")
+        for flt in profile.filters:
+            candidates = flt.filter(request, candidates)
+            if not candidates:
+                raise NoEndpoint(f"no endpoint left after filter {flt.name}")
+        totals = [0.0] * len(candidates)
+        plugin_scores: dict[str, dict[str, float]] = {}
+        for weighted in profile.scorers:
+            scores = weighted.scorer.score(request, candidates)
+            per_endpoint: dict[str, float] = {}
+            for i, raw in enumerate(scores):
+                value = 0.0 if raw < 0.0 else 1.0 if raw > 1.0 else raw
+                totals[i] += weighted.weight * value
+                per_endpoint[candidates[i].address] = value
+            plugin_scores[weighted.scorer.name] = per_endpoint
+        scored = [Scored(c, t) for c, t in zip(candidates, totals, strict=True)]
+        picked = profile.picker.pick(request, scored)
+        if not picked:
+            raise NoEndpoint(f"picker {profile.picker.name} chose no endpoint")
+        return SchedulingResult(
+            profile=profile.name,
+            endpoints=picked,
+            scores={s.endpoint.address: s.score for s in scored},
+            plugin_scores=plugin_scores,
+        )

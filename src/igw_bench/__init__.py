@@ -1,0 +1,1 @@
+"""igw_bench: benchmark harness (talks to everything over the network)."""

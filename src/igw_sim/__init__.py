@@ -1,0 +1,1 @@
+"""igw_sim: a vLLM-compatible simulator (imports nothing from igw)."""

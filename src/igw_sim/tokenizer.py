@@ -1,0 +1,136 @@
+"""A deterministic toy tokenizer, shaped so that token counts behave like a real one.
+
+Contract:
+
+* A *piece* is a word (``\\w+``) or a single punctuation character, together with the whitespace that
+  precedes it; whitespace at the very end of a text is one final piece. ``"".join(pieces(t)) == t``
+  for every string ``t``.
+* ``encode(t)`` maps each piece to a stable id in ``[FIRST_ID, VOCAB_SIZE)`` (``zlib.crc32``, so ids do
+  not depend on ``PYTHONHASHSEED`` or the process). Ids below ``FIRST_ID`` are reserved.
+* Generated text is a sequence of pieces ``" word"`` taken from ``GENERATION_WORDS``. Any concatenation of
+  generated pieces re-tokenizes to exactly one piece per generated piece, so a client that counts tokens
+  in the output agrees with ``usage.completion_tokens``.
+* Chat prompts are tokenized from ``render_chat(messages)``: ``"<|role|>\\ncontent\\n"`` per message plus
+  ``"<|assistant|>\\n"`` when a generation prompt is added.
+"""
+
+from __future__ import annotations
+
+import re
+import zlib
+from collections.abc import Mapping, Sequence
+
+__all__ = [
+    "FIRST_ID",
+    "GENERATION_WORDS",
+    "VOCAB_SIZE",
+    "ChatFormatError",
+    "count",
+    "encode",
+    "generated_piece",
+    "pieces",
+    "render_chat",
+    "seed_of",
+]
+
+VOCAB_SIZE = 50_000
+"""Ids are in ``[FIRST_ID, VOCAB_SIZE)``."""
+
+FIRST_ID = 3
+"""Ids 0, 1 and 2 are reserved (pad, bos, eos in a real vocabulary)."""
+
+_PIECE = re.compile(r"\s*\w+|\s*[^\w\s]|\s+\Z")
+
+_WORDS_TEXT = """
+    the of and to in is was for on are with as at be by this have from or one had not but what all were
+    when we there can an your which their said if do will each about how up out them then she many some so
+    these would other into has more her two like him see time could no make than first been its who now
+    people my made over did down only way find use may water long little very after words called just where
+    most know get through back much before go good new write our used me man too any day same right look
+    think also around another came come work three word must because does part even place well such here
+    take why things help put years different away again off went old number great tell men say small every
+    found still between name should home big give air line set own under read last never us left end along
+    while might next sound below saw something thought both few those always looked show large often
+    together asked house world going want school important until form food keep children feet land side
+    without boy once animals life enough took sometimes four head above kind began almost live page got
+    earth need far hand high year mother light parts country father let night following picture being study
+    second eyes soon times story boys since white days ever paper hard near sentence better best across
+    during today others sure means knew its try told young miles sun ways thing whole hear example heard
+    several change answer room sea against top turned learn point city play toward five using himself usually
+"""
+
+GENERATION_WORDS: tuple[str, ...] = tuple(dict.fromkeys(_WORDS_TEXT.split()))
+"""Plain lower-case English words; every generated piece is ``" " + one of these``."""
+
+
+class ChatFormatError(ValueError):
+    """A chat message list is not ``[{"role": str, "content": str | [{"type": "text", "text": str}]}]``."""
+
+
+def pieces(text: str) -> list[str]:
+    """Split ``text`` into pieces; joining them gives back ``text`` exactly."""
+    return _PIECE.findall(text)
+
+
+def count(text: str) -> int:
+    """Number of tokens in ``text`` (``len(encode(text))``, without computing the ids).
+
+    Counted with ``subn`` so that huge prompts cost neither a Python-level loop nor a list of pieces.
+    """
+    return _PIECE.subn("", text)[1]
+
+
+def encode(text: str) -> list[int]:
+    """Token ids of ``text``: one id per piece, each in ``[FIRST_ID, VOCAB_SIZE)``, stable across runs."""
+    span = VOCAB_SIZE - FIRST_ID
+    return [FIRST_ID + zlib.crc32(p.encode("utf-8", "surrogatepass")) % span for p in pieces(text)]
+
+
+def generated_piece(seed: int, index: int) -> str:
+    """The ``index``-th generated piece of a request whose generation seed is ``seed``.
+
+    Deterministic: the same ``(seed, index)`` always gives the same ``" word"``.
+    """
+    return " " + GENERATION_WORDS[(seed + index * 7919) % len(GENERATION_WORDS)]
+
+
+def _content_text(content: object) -> str:
+    if isinstance(content, str):
+        return content
+    if content is None:
+        return ""
+    if isinstance(content, list):
+        parts: list[str] = []
+        for block in content:
+            if not isinstance(block, Mapping) or block.get("type") != "text":
+                raise ChatFormatError("content blocks must be objects with type 'text'")
+            text = block.get("text")
+            if not isinstance(text, str):
+                raise ChatFormatError("a text content block needs a string 'text'")
+            parts.append(text)
+        return "".join(parts)
+    raise ChatFormatError("message content must be a string or a list of text blocks")
+
+
+def render_chat(messages: Sequence[object], *, add_generation_prompt: bool = True) -> str:
+    """Render chat messages into the prompt text that is tokenized.
+
+    Raises :class:`ChatFormatError` when a message is not an object with a string ``role`` and a string
+    (or list of text blocks, concatenated) ``content``.
+    """
+    out: list[str] = []
+    for message in messages:
+        if not isinstance(message, Mapping):
+            raise ChatFormatError("each message must be an object")
+        role = message.get("role")
+        if not isinstance(role, str):
+            raise ChatFormatError("each message needs a string 'role'")
+        out.append(f"<|{role}|>\n{_content_text(message.get('content'))}\n")
+    if add_generation_prompt:
+        out.append("<|assistant|>\n")
+    return "".join(out)
+
+
+def seed_of(text: str) -> int:
+    """A generation seed derived from the prompt text (stable across runs)."""
+    return zlib.crc32(text.encode("utf-8", "surrogatepass"))
