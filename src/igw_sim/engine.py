@@ -165,7 +165,8 @@ class Engine:
                 f"{prompt_tokens + max_tokens} tokens ({prompt_tokens} in the messages, "
                 f"{max_tokens} in the completion). Please reduce the length of the messages or completion."
             )
-        if len(self._waiting) >= self.config.max_waiting:
+        # FIFO invariant: requests wait only while every slot is taken.
+        if len(self._running) >= self.config.max_num_seqs and len(self._waiting) >= self.config.max_waiting:
             raise QueueFullError(f"waiting queue is full ({self.config.max_waiting} requests)")
         gen = Generation(self, prompt_tokens=prompt_tokens, max_tokens=max_tokens, seed=seed)
         self.requests_total += 1

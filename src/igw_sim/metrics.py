@@ -54,15 +54,9 @@ class EngineCollector(Collector):
     def collect(self) -> Iterator[Metric]:
         eng = self._engine
         cfg = eng.config
-        yield self._gauge(
-            "vllm:num_requests_running", "Number of requests in model execution batches.", eng.running
-        )
-        yield self._gauge(
-            "vllm:num_requests_waiting", "Number of requests waiting to be processed.", eng.waiting
-        )
-        yield self._gauge(
-            "vllm:kv_cache_usage_perc", "KV-cache usage. 1 means 100 percent usage.", eng.kv_usage
-        )
+        yield self._gauge("vllm:num_requests_running", "Number of requests in model execution batches.", eng.running)
+        yield self._gauge("vllm:num_requests_waiting", "Number of requests waiting to be processed.", eng.waiting)
+        yield self._gauge("vllm:kv_cache_usage_perc", "KV-cache usage. 1 means 100 percent usage.", eng.kv_usage)
         info = GaugeMetricFamily(
             "vllm:cache_config_info",
             "Information of the LLMEngine CacheConfig",
@@ -70,9 +64,7 @@ class EngineCollector(Collector):
         )
         info.add_metric([str(cfg.block_size), str(cfg.kv_blocks), "True", "0"], 1.0)
         yield info
-        yield self._counter(
-            "vllm:prompt_tokens", "Number of prefill tokens processed.", eng.prompt_tokens_total
-        )
+        yield self._counter("vllm:prompt_tokens", "Number of prefill tokens processed.", eng.prompt_tokens_total)
         yield self._counter(
             "vllm:generation_tokens", "Number of generation tokens processed.", eng.generation_tokens_total
         )
@@ -82,9 +74,7 @@ class EngineCollector(Collector):
             labels=[*_LABELS, "finished_reason"],
         )
         for reason in ("stop", "length", "abort"):
-            success.add_metric(
-                [*self._labels, reason], eng.success_total.get(reason, 0), created=self._created
-            )
+            success.add_metric([*self._labels, reason], eng.success_total.get(reason, 0), created=self._created)
         yield success
         yield self._histogram(
             "vllm:time_to_first_token_seconds", "Histogram of time to first token in seconds.", eng.ttft

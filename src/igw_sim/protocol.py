@@ -56,9 +56,7 @@ class ApiError(Exception):
     def body(self) -> JsonObject:
         """The OpenAI-style error object."""
         err_type = _ERROR_TYPES.get(self.status, "InternalServerError" if self.status >= 500 else "Error")
-        return {
-            "error": {"message": self.message, "type": err_type, "param": self.param, "code": self.status}
-        }
+        return {"error": {"message": self.message, "type": err_type, "param": self.param, "code": self.status}}
 
 
 @dataclass(frozen=True, slots=True)

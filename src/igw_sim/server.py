@@ -128,9 +128,7 @@ class SimServer:
         payload = protocol.parse_json(await request.read())
         req = protocol.parse_generation(payload, kind=kind, models=self.models)
         try:
-            gen = self.engine.submit(
-                prompt_tokens=req.prompt.count, max_tokens=req.max_tokens, seed=req.prompt.seed
-            )
+            gen = self.engine.submit(prompt_tokens=req.prompt.count, max_tokens=req.max_tokens, seed=req.prompt.seed)
         except QueueFullError as exc:
             raise protocol.ApiError(429, str(exc)) from None
         except ContextLengthError as exc:
@@ -148,9 +146,7 @@ class SimServer:
     async def _stream(
         self, request: web.Request, req: protocol.GenerationRequest, gen: Generation, rid: str
     ) -> web.StreamResponse:
-        response = web.StreamResponse(
-            headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
-        )
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
         await response.prepare(request)
         created = int(time.time())
         completion_tokens = 0
@@ -167,9 +163,7 @@ class SimServer:
                 )
                 await response.write(b"data: " + orjson.dumps(chunk) + b"\n\n")
             if req.include_usage:
-                usage = protocol.usage_chunk_body(
-                    req, rid=rid, created=created, completion_tokens=completion_tokens
-                )
+                usage = protocol.usage_chunk_body(req, rid=rid, created=created, completion_tokens=completion_tokens)
                 await response.write(b"data: " + orjson.dumps(usage) + b"\n\n")
             await response.write(b"data: [DONE]\n\n")
             await response.write_eof()
@@ -187,9 +181,7 @@ class SimServer:
         kind: protocol.Kind = "chat" if "messages" in payload else "completion"
         prompt = protocol.parse_prompt(payload, kind=kind, with_ids=True)
         tokens = prompt.ids if prompt.ids is not None else []
-        return _json(
-            {"count": len(tokens), "max_model_len": self.engine.config.max_model_len, "tokens": tokens}
-        )
+        return _json({"count": len(tokens), "max_model_len": self.engine.config.max_model_len, "tokens": tokens})
 
     async def _models(self, request: web.Request) -> web.StreamResponse:
         cards: list[dict[str, object]] = [
@@ -214,9 +206,7 @@ class SimServer:
         return _json({"version": "0.32.0+igw-sim"})
 
     async def _metrics(self, request: web.Request) -> web.StreamResponse:
-        return web.Response(
-            body=generate_latest(self.registry), headers={"Content-Type": CONTENT_TYPE_LATEST}
-        )
+        return web.Response(body=generate_latest(self.registry), headers={"Content-Type": CONTENT_TYPE_LATEST})
 
     async def _stats(self, request: web.Request) -> web.StreamResponse:
         return _json(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 
 import pytest
 
@@ -66,7 +67,7 @@ async def test_ttft_includes_queueing_behind_a_running_request() -> None:
         _consume(engine, prompt_tokens=10, max_tokens=3), _consume(engine, prompt_tokens=10, max_tokens=3)
     )
     prefill = 0.020 + 10 * 0.001
-    assert first[0] == pytest.approx(prefill, abs=0.015)
+    assert prefill - 0.002 <= first[0] <= prefill + 0.2
     # The second waits for the whole first request (prefill + 2 ITL), then does its own prefill.
     assert second[0] >= 2 * prefill + 2 * 0.010 - 0.003
     assert engine.queue_time.count == 2
@@ -76,12 +77,11 @@ async def test_ttft_includes_queueing_behind_a_running_request() -> None:
 async def test_tokens_arrive_one_itl_apart() -> None:
     engine = Engine(EngineConfig(max_num_seqs=1, prefill_overhead_ms=0, prefill_ms_per_token=0, itl_ms=20))
     loop = asyncio.get_running_loop()
-    stamps: list[float] = []
     async with engine.submit(prompt_tokens=1, max_tokens=4) as gen:
-        async for _ in gen:
-            stamps.append(loop.time())
-    gaps = [b - a for a, b in zip(stamps, stamps[1:], strict=False)]
-    assert all(0.015 <= g <= 0.06 for g in gaps), gaps
+        stamps = [loop.time() async for _ in gen]
+    # Tokens are due on a fixed grid (no drift), so only the span is tight; single gaps may jitter.
+    assert all(b > a for a, b in itertools.pairwise(stamps))
+    assert 3 * 0.020 - 0.002 <= stamps[-1] - stamps[0] <= 0.5
 
 
 async def test_cancelled_consumer_frees_its_slot_for_the_next_request() -> None:

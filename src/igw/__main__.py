@@ -1,0 +1,5 @@
+import sys
+
+from igw.cli import main
+
+sys.exit(main())

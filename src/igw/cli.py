@@ -1,0 +1,194 @@
+"""The ``igw`` command. The only module that calls ``sys.exit``.
+
+Subcommands: ``run`` (EPP + Envoy in front of your servers), ``demo`` (the same in front of a
+simulated fleet, with traffic), ``sim`` (the vLLM simulator), ``bench`` (benchmarks).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+from collections.abc import Coroutine
+from typing import Any
+
+from igw.api.types import Engine
+
+
+def _size(text: str) -> int:
+    units = {"k": 1024, "ki": 1024, "m": 1024**2, "mi": 1024**2, "g": 1024**3, "gi": 1024**3}
+    t = text.strip().lower().removesuffix("b")
+    for suffix in sorted(units, key=len, reverse=True):
+        if t.endswith(suffix):
+            return int(float(t[: -len(suffix)]) * units[suffix])
+    return int(t)
+
+
+def _add_run_parser(sub: Any) -> None:
+    p = sub.add_parser("run", help="run the Endpoint Picker and Envoy in front of a pool of model servers")
+    src = p.add_argument_group("pool (one of)")
+    src.add_argument("--pool", metavar="FILE", help="pool YAML file (name, engine, models, endpoints)")
+    src.add_argument("--endpoint", metavar="HOST:PORT", action="append", default=[], help="a model server (repeat)")
+    src.add_argument("--engine", choices=[e.value for e in Engine], default="vllm", help="with --endpoint")
+    src.add_argument("--model", action="append", default=None, help="served model name, with --endpoint (repeat)")
+    gw = p.add_argument_group("gateway (Envoy)")
+    gw.add_argument("--listen", default="127.0.0.1:8081", metavar="HOST:PORT", help="where clients connect")
+    gw.add_argument("--admin-port", type=int, default=19000, help="Envoy admin port (loopback)")
+    gw.add_argument("--body-mode", choices=["duplex", "buffered"], default="duplex",
+                    help="ext_proc request body mode: FULL_DUPLEX_STREAMED or BUFFERED")  # fmt: skip
+    gw.add_argument("--upstream", choices=["override-host", "original-dst"], default="override-host",
+                    help="how Envoy follows the pick (override-host: pool members only, with fallbacks)")  # fmt: skip
+    gw.add_argument("--fail-close", action="store_true",
+                    help="answer 503 when the EPP is down (default: fail open to least-request balancing)")  # fmt: skip
+    gw.add_argument("--envoy-concurrency", type=int, default=1, help="Envoy worker threads")
+    gw.add_argument("--no-envoy", action="store_true", help="run only the EPP (your gateway connects to it)")
+    epp = p.add_argument_group("endpoint picker")
+    epp.add_argument("--host", default="127.0.0.1", help="EPP bind address (0.0.0.0 in a cluster)")
+    epp.add_argument("--grpc-port", type=int, default=9002)
+    epp.add_argument("--grpc-health-port", type=int, default=9003)
+    epp.add_argument("--metrics-port", type=int, default=9090)
+    epp.add_argument("--fallbacks", type=int, default=None,
+                     help="fallbacks listed after the pick (default 2 with override-host, else 0)")  # fmt: skip
+    epp.add_argument("--max-body-size", type=_size, default="32Mi", help="larger request bodies get 413")
+    epp.add_argument("--max-inflight", type=int, default=0, help="shed with 429 above this many requests (0: off)")
+    epp.add_argument("--refresh-metrics-interval", type=float, default=0.05, help="seconds between scrapes")
+    epp.add_argument("--metrics-staleness-threshold", type=float, default=2.0, help="seconds")
+    p.add_argument("-v", "--verbose", action="count", default=0)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="igw", description="igw: an inference gateway for self-hosted LLMs")
+    sub = parser.add_subparsers(dest="command", required=True)
+    _add_run_parser(sub)
+    demo = sub.add_parser("demo", help="4 simulated vLLM servers + EPP + Envoy + a short workload")
+    demo.add_argument("--requests", type=int, default=200, help="requests to send")
+    demo.add_argument("--concurrency", type=int, default=16)
+    demo.add_argument("--duration", type=float, default=60.0, help="upper bound on the workload, seconds")
+    demo.add_argument("--servers", type=int, default=4)
+    demo.add_argument("--keep-running", action="store_true", help="keep the gateway up after the workload")
+    demo.add_argument("--port", type=int, default=8081, help="gateway port")
+    sub.add_parser("sim", help="run simulated vLLM servers (see igw sim --help)", add_help=False)
+    sub.add_parser("bench", help="benchmarks (see igw bench --help)", add_help=False)
+    return parser
+
+
+def _run_command(args: argparse.Namespace) -> Coroutine[Any, Any, None]:
+    from igw.app.envoy import EnvoySettings, UpstreamMode
+    from igw.app.epp import Epp
+    from igw.app.gateway import GatewaySettings, run_gateway, wait_for_signal
+    from igw.config.pool import ConfigError, load_pool, pool_from_addresses
+    from igw.config.settings import (
+        AdmissionSettings,
+        BodyMode,
+        DataLayerSettings,
+        EppSettings,
+        SchedulingSettings,
+        ServerSettings,
+    )
+
+    if bool(args.pool) == bool(args.endpoint):
+        raise ConfigError("give exactly one of --pool FILE or --endpoint HOST:PORT (repeatable)")
+    pool = (
+        load_pool(args.pool)
+        if args.pool
+        else pool_from_addresses(args.endpoint, engine=Engine(args.engine), models=args.model)
+    )
+    upstream = UpstreamMode(args.upstream)
+    fallbacks = args.fallbacks if args.fallbacks is not None else (2 if upstream is UpstreamMode.OVERRIDE_HOST else 0)
+    if upstream is UpstreamMode.ORIGINAL_DST and fallbacks:
+        raise ConfigError("--fallbacks needs --upstream override-host (ORIGINAL_DST takes a single ip:port)")
+    body_mode = BodyMode.BUFFERED if args.body_mode == "buffered" else BodyMode.FULL_DUPLEX_STREAMED
+    epp_settings = EppSettings(
+        server=ServerSettings(
+            host=args.host,
+            grpc_port=args.grpc_port,
+            health_port=args.grpc_health_port,
+            metrics_port=args.metrics_port,
+            max_request_body_bytes=args.max_body_size,
+            default_body_mode=body_mode,
+        ),
+        datalayer=DataLayerSettings(
+            scrape_interval=args.refresh_metrics_interval, staleness_threshold=args.metrics_staleness_threshold
+        ),
+        scheduling=SchedulingSettings(fallbacks=fallbacks),
+        admission=AdmissionSettings(max_inflight_requests=args.max_inflight),
+    )
+    if args.no_envoy:
+
+        async def epp_only() -> None:
+            async with Epp(epp_settings, pool) as epp:
+                print(f"igw: EPP ext_proc on {args.host}:{epp.grpc_port} (Ctrl-C to stop)", flush=True)
+                await wait_for_signal()
+
+        return epp_only()
+    listen_host, _, listen_port = args.listen.rpartition(":")
+    envoy = EnvoySettings(
+        listen_host=listen_host.strip("[]") or "127.0.0.1",
+        listen_port=int(listen_port),
+        admin_port=args.admin_port,
+        upstream=upstream,
+        fail_open=not args.fail_close,
+        body_mode=body_mode,
+        max_request_body_bytes=args.max_body_size,
+        retries=fallbacks,
+        concurrency=args.envoy_concurrency,
+    )
+    return run_gateway(GatewaySettings(epp=epp_settings, envoy=envoy, envoy_log_level="warning"), pool)
+
+
+def _run_async(coro: Coroutine[Any, Any, None]) -> None:
+    try:
+        import uvloop
+
+        uvloop.run(coro)
+    except ImportError:  # pragma: no cover - uvloop is a dependency; keep working without it
+        asyncio.run(coro)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "sim":
+        from igw_sim.cli import main as sim_main
+
+        return sim_main(argv[1:])
+    if argv and argv[0] == "bench":
+        from igw_bench.cli import main as bench_main
+
+        return bench_main(argv[1:])
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if getattr(args, "verbose", 0) > 1 else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    from igw.config.pool import ConfigError
+
+    try:
+        if args.command == "run":
+            _run_async(_run_command(args))
+        elif args.command == "demo":
+            from igw_bench.demo import DemoOptions, run_demo
+
+            return run_demo(
+                DemoOptions(
+                    requests=args.requests,
+                    concurrency=args.concurrency,
+                    duration_s=args.duration,
+                    servers=args.servers,
+                    keep_running=args.keep_running,
+                    gateway_port=args.port,
+                )
+            )
+    except ConfigError as exc:
+        print(f"igw: error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:
+        print(f"igw: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,113 @@
+"""A small async OpenAI client for load: streams or not, measures TTFT and end-to-end time.
+
+It talks HTTP to whatever URL it is given (a gateway, a router, a server) and never imports
+the runtime. Each result records which server answered (the simulator's
+``x-igw-sim-endpoint`` header) so a run can report the spread over the fleet.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import aiohttp
+import orjson
+
+
+@dataclass(slots=True)
+class Result:
+    ok: bool
+    status: int
+    ttft_s: float | None
+    e2e_s: float
+    output_tokens: int = 0
+    endpoint: str | None = None
+    error: str | None = None
+
+
+@dataclass(slots=True)
+class RequestSpec:
+    path: str
+    body: dict[str, Any]
+    headers: dict[str, str] = field(default_factory=dict)
+
+
+async def send(http: aiohttp.ClientSession, base_url: str, spec: RequestSpec) -> Result:
+    """Send one request; never raises (transport errors become a failed :class:`Result`)."""
+    started = time.perf_counter()
+    stream = bool(spec.body.get("stream"))
+    ttft: float | None = None
+    tokens = 0
+    try:
+        async with http.post(base_url + spec.path, data=orjson.dumps(spec.body), headers=spec.headers) as resp:
+            endpoint = resp.headers.get("x-igw-sim-endpoint")
+            if resp.status != 200:
+                text = await resp.text()
+                return Result(False, resp.status, None, time.perf_counter() - started, 0, endpoint, text[:200])
+            if stream:
+                async for line in resp.content:
+                    if not line.startswith(b"data: ") or line.startswith(b"data: [DONE]"):
+                        continue
+                    chunk = orjson.loads(line[6:])
+                    choices = chunk.get("choices") or []
+                    if choices and (choices[0].get("text") or (choices[0].get("delta") or {}).get("content")):
+                        if ttft is None:
+                            ttft = time.perf_counter() - started
+                        tokens += 1
+            else:
+                data = orjson.loads(await resp.read())
+                ttft = time.perf_counter() - started
+                tokens = int((data.get("usage") or {}).get("completion_tokens", 0))
+            return Result(True, 200, ttft, time.perf_counter() - started, tokens, endpoint)
+    except (aiohttp.ClientError, asyncio.TimeoutError, ValueError) as exc:
+        return Result(False, 0, None, time.perf_counter() - started, 0, None, f"{type(exc).__name__}: {exc}")
+
+
+async def run_closed_loop(
+    base_url: str,
+    specs: list[RequestSpec],
+    *,
+    concurrency: int,
+    deadline_s: float,
+    on_result: Callable[[Result], None] | None = None,
+    timeout_s: float = 120.0,
+) -> list[Result]:
+    """Send ``specs`` with ``concurrency`` workers; stop at ``deadline_s`` (bounded in time and count)."""
+    results: list[Result] = []
+    queue: asyncio.Queue[RequestSpec] = asyncio.Queue()
+    for spec in specs:
+        queue.put_nowait(spec)
+    loop = asyncio.get_running_loop()
+    end = loop.time() + deadline_s
+    connector = aiohttp.TCPConnector(limit=0, force_close=False)
+    async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=timeout_s)) as http:
+
+        async def worker() -> None:
+            while loop.time() < end:
+                try:
+                    spec = queue.get_nowait()
+                except asyncio.QueueEmpty:
+                    return
+                result = await send(http, base_url, spec)
+                results.append(result)
+                if on_result is not None:
+                    on_result(result)
+
+        try:
+            async with asyncio.timeout(deadline_s + timeout_s):
+                await asyncio.gather(*(worker() for _ in range(concurrency)))
+        except TimeoutError:
+            pass
+    return results
+
+
+def percentile(values: list[float], q: float) -> float:
+    """Nearest-rank percentile (``q`` in [0, 100]); NaN for no values."""
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    rank = max(0, min(len(ordered) - 1, round(q / 100 * len(ordered) + 0.5) - 1))
+    return ordered[rank]
