@@ -35,8 +35,8 @@ def _add_run_parser(sub: Any) -> None:
     gw = p.add_argument_group("gateway (Envoy)")
     gw.add_argument("--listen", default="127.0.0.1:8081", metavar="HOST:PORT", help="where clients connect")
     gw.add_argument("--admin-port", type=int, default=19000, help="Envoy admin port (loopback)")
-    gw.add_argument("--body-mode", choices=["duplex", "buffered"], default="duplex",
-                    help="ext_proc request body mode: FULL_DUPLEX_STREAMED or BUFFERED")  # fmt: skip
+    gw.add_argument("--body-mode", choices=["buffered", "duplex"], default="buffered",
+                    help="ext_proc request body mode: BUFFERED or FULL_DUPLEX_STREAMED (needs --fail-close)")  # fmt: skip
     gw.add_argument("--upstream", choices=["override-host", "original-dst"], default="override-host",
                     help="how Envoy follows the pick (override-host: pool members only, with fallbacks)")  # fmt: skip
     gw.add_argument("--fail-close", action="store_true",
@@ -123,17 +123,22 @@ def _run_command(args: argparse.Namespace) -> Coroutine[Any, Any, None]:
 
         return epp_only()
     listen_host, _, listen_port = args.listen.rpartition(":")
-    envoy = EnvoySettings(
-        listen_host=listen_host.strip("[]") or "127.0.0.1",
-        listen_port=int(listen_port),
-        admin_port=args.admin_port,
-        upstream=upstream,
-        fail_open=not args.fail_close,
-        body_mode=body_mode,
-        max_request_body_bytes=args.max_body_size,
-        retries=fallbacks,
-        concurrency=args.envoy_concurrency,
-    )
+    if not listen_port.isdigit():
+        raise ConfigError(f"--listen {args.listen!r} is not HOST:PORT")
+    try:
+        envoy = EnvoySettings(
+            listen_host=listen_host.strip("[]") or "127.0.0.1",
+            listen_port=int(listen_port),
+            admin_port=args.admin_port,
+            upstream=upstream,
+            fail_open=not args.fail_close,
+            body_mode=body_mode,
+            max_request_body_bytes=args.max_body_size,
+            retries=fallbacks,
+            concurrency=args.envoy_concurrency,
+        )
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
     return run_gateway(GatewaySettings(epp=epp_settings, envoy=envoy, envoy_log_level="warning"), pool)
 
 

@@ -62,7 +62,7 @@ async def send(http: aiohttp.ClientSession, base_url: str, spec: RequestSpec) ->
                 ttft = time.perf_counter() - started
                 tokens = int((data.get("usage") or {}).get("completion_tokens", 0))
             return Result(True, 200, ttft, time.perf_counter() - started, tokens, endpoint)
-    except (aiohttp.ClientError, asyncio.TimeoutError, ValueError) as exc:
+    except (TimeoutError, aiohttp.ClientError, ValueError) as exc:
         return Result(False, 0, None, time.perf_counter() - started, 0, None, f"{type(exc).__name__}: {exc}")
 
 

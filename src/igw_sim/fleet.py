@@ -89,6 +89,10 @@ class SimFleet:
         server.endpoint = f"{host}:{real_port}"
         self.servers.append(server)
 
+    async def stop_endpoint(self, index: int) -> None:
+        """Stop one endpoint (it stops answering, ``/metrics`` included); the others keep serving."""
+        await self._runners[index].cleanup()
+
     async def stop(self) -> None:
         """Stop every endpoint (idempotent)."""
         runners, self._runners = self._runners, []

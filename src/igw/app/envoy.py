@@ -9,8 +9,8 @@ The bootstrap follows what was verified on Envoy 1.40 (reference/envoy-extproc.m
   ``ORIGINAL_DST`` (the reference's choice: any ``ip:port`` the EPP names, no fallback list);
 * circuit breakers raised (one ext_proc stream lives as long as its HTTP request), route
   timeout 0 (generations are long), the EPP health-checked over gRPC;
-* fail-open: the request goes to the pool's fallback balancing when the EPP is down;
-  fail-close: a clean 503 with a message.
+* fail-open (buffered body mode only): the request goes to the pool's fallback balancing
+  when the EPP is down; fail-close: a clean 503.
 """
 
 from __future__ import annotations
@@ -52,7 +52,8 @@ class EnvoySettings:
     upstream: UpstreamMode = UpstreamMode.OVERRIDE_HOST
     fail_open: bool = True
     """EPP down or failing: True sends the request to the pool's fallback balancing, False answers 503."""
-    body_mode: BodyMode = BodyMode.FULL_DUPLEX_STREAMED
+    body_mode: BodyMode = BodyMode.BUFFERED
+    """BUFFERED (default: no body echo through the EPP, and fail-open works) or FULL_DUPLEX_STREAMED."""
     response_headers: bool = True
     """Send response headers to the EPP (status, served endpoint, time to first byte)."""
     message_timeout_s: float = 60.0
@@ -63,6 +64,15 @@ class EnvoySettings:
     concurrency: int = 1
     """Envoy worker threads."""
     connect_timeout_s: float = 5.0
+
+    def __post_init__(self) -> None:
+        if self.fail_open and self.body_mode is BodyMode.FULL_DUPLEX_STREAMED:
+            # Seen on Envoy 1.40: with the body streamed to the EPP, an EPP failure ends the
+            # request (503) whatever failure_mode_allow says. Envoy Gateway refuses the pair too.
+            raise ValueError(
+                "Envoy cannot fail open in FULL_DUPLEX_STREAMED mode (the body is already streamed to the "
+                "EPP): use the buffered body mode, or fail closed"
+            )
 
 
 TYPE_URL = "type.googleapis.com/envoy."

@@ -12,6 +12,7 @@ import logging
 import signal
 from dataclasses import dataclass
 from types import TracebackType
+from typing import Any
 
 import aiohttp
 
@@ -46,17 +47,8 @@ class Gateway:
     async def start(self) -> None:
         await self.epp.start()
         try:
-            srv = self.settings.epp.server
-            epp_host = "127.0.0.1" if srv.host in ("0.0.0.0", "") else srv.host
-            bootstrap = render_bootstrap(
-                self.settings.envoy,
-                epp_host=epp_host,
-                epp_port=self.epp.grpc_port,
-                epp_health_port=self.epp.health_port,
-                endpoints=[s.endpoint for s in self.epp.store.endpoints()],
-            )
             self.envoy = EnvoyProcess(
-                bootstrap,
+                self.bootstrap(),
                 admin_port=self.settings.envoy.admin_port,
                 concurrency=self.settings.envoy.concurrency,
                 log_level=self.settings.envoy_log_level,
@@ -66,6 +58,18 @@ class Gateway:
         except BaseException:
             await self.stop()
             raise
+
+    def bootstrap(self) -> dict[str, Any]:
+        """The Envoy bootstrap for the running EPP (a seam for gateways that need more filters)."""
+        srv = self.settings.epp.server
+        epp_host = "127.0.0.1" if srv.host in ("0.0.0.0", "") else srv.host
+        return render_bootstrap(
+            self.settings.envoy,
+            epp_host=epp_host,
+            epp_port=self.epp.grpc_port,
+            epp_health_port=self.epp.health_port,
+            endpoints=[s.endpoint for s in self.epp.store.endpoints()],
+        )
 
     async def _wait_epp_healthy_in_envoy(self, timeout: float) -> None:
         """Envoy health-checks the EPP over gRPC; wait for its first verdict to be healthy."""
