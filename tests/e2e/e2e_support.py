@@ -102,7 +102,7 @@ async def start_gateway() -> AsyncIterator[GatewayFactory]:
                 max_request_body_bytes=max_body,
                 default_body_mode=body_mode,
                 drain_seconds=0.5,
-            ),  # fmt: skip
+            ),
             datalayer=datalayer or DataLayerSettings(scrape_interval=0.02),
             scheduling=SchedulingSettings(fallbacks=fallbacks),
         )
