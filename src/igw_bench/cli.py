@@ -1,12 +1,98 @@
-"""``igw bench``: benchmark commands."""
+"""``igw bench``: benchmark commands.
+
+``igw bench overhead``: requests/s, added latency and EPP CPU per request of the full gateway
+(Envoy + EPP over ext_proc) against Envoy alone, side by side in one run, for 1 KB and 200 KB
+OpenAI chat requests. Prints a Markdown table and writes the JSON report.
+"""
 
 from __future__ import annotations
 
 import argparse
+import sys
+from pathlib import Path
+
+
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+    return value
+
+
+def _non_negative_float(text: str) -> float:
+    value = float(text)
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
+    return value
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {text}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="igw bench", description="igw benchmarks")
+    sub = parser.add_subparsers(dest="command", required=True)
+    ov = sub.add_parser(
+        "overhead",
+        help="gateway overhead: requests/s, added latency and EPP CPU over Envoy alone",
+        description="Runs Envoy alone (A) and the full igw gateway (B) in front of the same fast backend, "
+        "interleaved, for 1 KB and 200 KB chat requests.",
+    )
+    ov.add_argument("--duration", type=_positive_float, default=8.0, help="measured seconds per step (default 8)")
+    ov.add_argument("--warmup", type=_non_negative_float, default=2.0, help="warm-up seconds per step (default 2)")
+    ov.add_argument("--body-mode", choices=["duplex", "buffered"], default="duplex",
+                    help="arm B's ext_proc request body mode (default duplex)")  # fmt: skip
+    ov.add_argument("--out", type=Path, default=Path("benchmarks/results"), metavar="DIR",
+                    help="where the JSON report goes (default benchmarks/results)")  # fmt: skip
+    ov.add_argument("--concurrency-1k", type=_positive_int, default=32, help="throughput step, 1 KB (default 32)")
+    ov.add_argument("--concurrency-200k", type=_positive_int, default=8, help="throughput step, 200 KB (default 8)")
+    ov.add_argument("--max-requests", type=_positive_int, default=1_000_000,
+                    help="upper bound on requests per step (default 1000000)")  # fmt: skip
+    return parser
+
+
+def _overhead(args: argparse.Namespace) -> int:
+    from igw_bench.overhead import OverheadOptions, format_table, run_loop, run_overhead, write_report
+
+    opts = OverheadOptions(
+        duration_s=args.duration,
+        warmup_s=args.warmup,
+        body_mode=args.body_mode,
+        out_dir=args.out,
+        concurrency_1k=args.concurrency_1k,
+        concurrency_200k=args.concurrency_200k,
+        max_requests=args.max_requests,
+    )
+
+    def progress(line: str) -> None:
+        print(line, file=sys.stderr, flush=True)
+
+    try:
+        report = run_loop(run_overhead(opts, log=progress))
+    except (RuntimeError, TimeoutError, OSError) as exc:
+        print(f"igw bench overhead: error: {exc}", file=sys.stderr)
+        return 1
+    print(format_table(report), flush=True)
+    path = write_report(report, opts.out_dir)
+    print(f"\nwrote {path}", flush=True)
+    failed = [
+        f"{name} {arm}"
+        for name, size in report["sizes"].items()
+        for arm in ("A", "B")
+        if not size["throughput"][arm]["rps"] > 0
+    ]
+    if failed:
+        print(f"igw bench overhead: no successful requests for {', '.join(failed)}", file=sys.stderr)
+        return 1
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="igw bench", description="igw benchmarks")
-    parser.add_subparsers(dest="command", required=True)
-    parser.parse_args(argv)
-    return 0
+    args = build_parser().parse_args(argv)
+    if args.command == "overhead":
+        return _overhead(args)
+    return 2  # pragma: no cover - argparse only accepts known commands

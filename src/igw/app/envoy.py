@@ -63,6 +63,8 @@ class EnvoySettings:
     """Retries on connect failure / reset, walking the EPP's fallback list (override-host only)."""
     concurrency: int = 1
     """Envoy worker threads."""
+    max_downstream_connections: int = 50_000
+    """Client connections Envoy accepts at once (its overload manager refuses more)."""
     connect_timeout_s: float = 5.0
 
     def __post_init__(self) -> None:
@@ -218,6 +220,13 @@ def render_bootstrap(
     }  # fmt: skip
     return {
         "admin": {"address": _addr("127.0.0.1", s.admin_port)},
+        "overload_manager": {"resource_monitors": [{
+            "name": "envoy.resource_monitors.global_downstream_max_connections",
+            "typed_config": {
+                "@type": TYPE_URL + "extensions.resource_monitors.downstream_connections.v3.DownstreamConnectionsConfig",
+                "max_active_downstream_connections": s.max_downstream_connections,
+            },
+        }]},
         "static_resources": {
             "listeners": [
                 {
