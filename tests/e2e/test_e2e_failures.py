@@ -111,18 +111,20 @@ async def test_epp_down_fail_close_is_a_clean_503(
             assert "x-igw-sim-endpoint" not in r.headers
 
 
+@pytest.mark.parametrize("body_mode", list(BodyMode), ids=["duplex", "buffered"])
 async def test_client_abort_releases_the_inflight_count(
-    start_gateway: GatewayFactory, http: aiohttp.ClientSession
+    start_gateway: GatewayFactory, http: aiohttp.ClientSession, body_mode: BodyMode
 ) -> None:
     from e2e_support import FAST_ENGINE
 
     slow = FAST_ENGINE.__class__(max_num_seqs=4, prefill_overhead_ms=1, prefill_ms_per_token=0, itl_ms=50)
     async with SimFleet(ports=[0, 0], engine=slow) as fleet:
-        gw = await start_gateway(fleet.addresses)
+        gw = await start_gateway(fleet.addresses, body_mode=body_mode)
         body = chat("long", max_tokens=200, stream=True)
         resp = await http.post(f"{gw.url}/v1/chat/completions", json=body)
         assert resp.status == 200
         await resp.content.readline()
+        await asyncio.sleep(0.2)  # the request is still streaming: it is still in flight
         assert sum(s.inflight for s in gw.epp.store.endpoints()) == 1
         resp.close()  # the client goes away mid-stream
         assert await eventually(lambda: sum(s.inflight for s in gw.epp.store.endpoints()) == 0)

@@ -52,12 +52,13 @@ async def test_request_id_is_generated_when_missing(
     assert request_id in gw.picks.by_request
 
 
+@BOTH_MODES
 async def test_streamed_response_arrives_chunk_by_chunk_and_intact(
-    start_gateway: GatewayFactory, http: aiohttp.ClientSession
+    start_gateway: GatewayFactory, http: aiohttp.ClientSession, body_mode: BodyMode
 ) -> None:
     slow = FAST_ENGINE.__class__(max_num_seqs=4, prefill_overhead_ms=1, prefill_ms_per_token=0, itl_ms=25)
     async with SimFleet(ports=[0, 0], engine=slow) as fleet:
-        gw = await start_gateway(fleet.addresses)
+        gw = await start_gateway(fleet.addresses, body_mode=body_mode)
         body = chat("tell me", max_tokens=12, stream=True, stream_options={"include_usage": True})
         arrivals: list[float] = []
         events: list[Any] = []

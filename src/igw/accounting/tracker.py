@@ -66,3 +66,5 @@ class RequestTracker:
         model = self._metrics.model_label(ctx.model)
         self._metrics.running.labels(model).dec()
         self._metrics.duration.labels(model, model).observe(self._clock() - ctx.started_at)
+        if ctx.status is None:
+            self._metrics.ended_before_response.inc()

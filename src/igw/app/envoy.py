@@ -103,7 +103,23 @@ def render_bootstrap(
     """The Envoy bootstrap as a dict (serialised to JSON, which Envoy reads as YAML)."""
     s = settings
     lb_meta = {"key": LB_METADATA_NAMESPACE, "path": [{"key": DESTINATION_HEADER}]}
-    mode = s.body_mode.value
+    if s.body_mode is BodyMode.FULL_DUPLEX_STREAMED:
+        # In duplex mode Envoy closes the ext_proc stream as soon as it has nothing more to send,
+        # so the EPP must see the response body too, or the stream would end before the response
+        # does and the in-flight counts would be wrong (seen on Envoy 1.40). The reference
+        # deployment streams both directions for the same reason.
+        processing_mode = {
+            "request_header_mode": "SEND", "request_body_mode": "FULL_DUPLEX_STREAMED",
+            "request_trailer_mode": "SEND", "response_header_mode": "SEND",
+            "response_body_mode": "FULL_DUPLEX_STREAMED", "response_trailer_mode": "SEND",
+        }  # fmt: skip
+    else:
+        # Buffered: the stream lives until the HTTP request ends even with the response unseen.
+        processing_mode = {
+            "request_header_mode": "SEND", "request_body_mode": "BUFFERED", "request_trailer_mode": "SKIP",
+            "response_header_mode": "SEND" if s.response_headers else "SKIP",
+            "response_body_mode": "NONE", "response_trailer_mode": "SKIP",
+        }  # fmt: skip
     ext_proc = {
         "name": "envoy.filters.http.ext_proc",
         "typed_config": {
@@ -112,15 +128,8 @@ def render_bootstrap(
             "failure_mode_allow": s.fail_open,
             "message_timeout": f"{s.message_timeout_s}s",
             "status_on_error": {"code": 503},
-            "processing_mode": {
-                "request_header_mode": "SEND",
-                "request_body_mode": mode,
-                "request_trailer_mode": "SEND" if s.body_mode is BodyMode.FULL_DUPLEX_STREAMED else "SKIP",
-                "response_header_mode": "SEND" if s.response_headers else "SKIP",
-                "response_body_mode": "NONE",
-                "response_trailer_mode": "SKIP",
-            },
-            "response_attributes": ["upstream.address"] if s.response_headers else [],
+            "processing_mode": processing_mode,
+            "response_attributes": ["upstream.address"],
             "metadata_options": {"receiving_namespaces": {"untyped": [LB_METADATA_NAMESPACE]}},
         },
     }

@@ -22,6 +22,7 @@ class EndpointStore:
         self._states: dict[str, EndpointState] = {}
         self._snapshot: tuple[EndpointState, ...] = ()
         self._listeners: list[Callable[[], None]] = []
+        self._declared_models: frozenset[str] | None = None
         self.synced = False
         """True once the pool source has delivered its first complete view."""
 
@@ -39,6 +40,7 @@ class EndpointStore:
             fresh[ep.address] = state
         self._states = fresh
         self._snapshot = tuple(fresh.values())
+        self._declared_models = self._union_of_models()
         self.synced = True
         for listener in self._listeners:
             listener()
@@ -57,6 +59,9 @@ class EndpointStore:
 
     def declared_models(self) -> frozenset[str] | None:
         """Union of the models the endpoints declare, or None if any endpoint declares none."""
+        return self._declared_models
+
+    def _union_of_models(self) -> frozenset[str] | None:
         models: set[str] = set()
         for state in self._snapshot:
             if state.endpoint.models is None:

@@ -82,11 +82,27 @@ class SchedulerProfile:
 
 @dataclass(slots=True)
 class SchedulingResult:
-    """The chosen endpoints (first = primary) and what each candidate scored, for explanations."""
+    """The chosen endpoints (first = primary) and what every candidate scored.
+
+    The per-candidate numbers are kept as lists aligned with ``candidates`` and turned into
+    dicts only when an explanation is asked for, so a pick over many endpoints stays cheap.
+    """
 
     profile: str
     endpoints: list[EndpointState]
-    scores: dict[str, float] = field(default_factory=dict)
-    """Final weighted score per candidate address."""
-    plugin_scores: dict[str, dict[str, float]] = field(default_factory=dict)
-    """Raw score per scorer name, per candidate address."""
+    candidates: Sequence[EndpointState] = ()
+    totals: Sequence[float] = ()
+    """Weighted total per candidate."""
+    raw_scores: dict[str, Sequence[float]] = field(default_factory=dict)
+    """Clamped score per candidate, per scorer name."""
+
+    def scores(self) -> dict[str, float]:
+        """Final weighted score per candidate address."""
+        return {c.address: t for c, t in zip(self.candidates, self.totals, strict=True)}
+
+    def plugin_scores(self) -> dict[str, dict[str, float]]:
+        """Score per candidate address, per scorer name."""
+        return {
+            name: {c.address: v for c, v in zip(self.candidates, values, strict=True)}
+            for name, values in self.raw_scores.items()
+        }

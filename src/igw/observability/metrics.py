@@ -102,6 +102,12 @@ class EppMetrics:
             ["model_name"], buckets=_LATENCY_BUCKETS, registry=r,
         )  # fmt: skip
         self.streams = Gauge("igw_extproc_streams_active", "Open ext_proc streams.", registry=r)
+        self.ended_before_response = Counter(
+            "igw_requests_ended_before_response",
+            "Routed requests whose ext_proc stream ended before the response headers "
+            "(client aborts; or a proxy that does not send the response to the EPP in duplex mode).",
+            registry=r,
+        )
         self.protocol_errors = Counter(
             "igw_extproc_protocol_errors", "ext_proc streams that broke the protocol.", registry=r
         )

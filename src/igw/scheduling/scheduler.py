@@ -27,22 +27,18 @@ class Scheduler:
             if not candidates:
                 raise NoEndpoint(f"no endpoint left after filter {flt.name}")
         totals = [0.0] * len(candidates)
-        plugin_scores: dict[str, dict[str, float]] = {}
+        raw_scores: dict[str, Sequence[float]] = {}
         for weighted in profile.scorers:
             scores = weighted.scorer.score(request, candidates)
-            per_endpoint: dict[str, float] = {}
-            for i, raw in enumerate(scores):
-                value = 0.0 if raw < 0.0 else 1.0 if raw > 1.0 else raw
-                totals[i] += weighted.weight * value
-                per_endpoint[candidates[i].address] = value
-            plugin_scores[weighted.scorer.name] = per_endpoint
+            if min(scores) < 0.0 or max(scores) > 1.0:
+                scores = [0.0 if v < 0.0 else 1.0 if v > 1.0 else v for v in scores]
+            w = weighted.weight
+            totals = [t + w * v for t, v in zip(totals, scores, strict=True)]
+            raw_scores[weighted.scorer.name] = scores
         scored = [Scored(c, t) for c, t in zip(candidates, totals, strict=True)]
         picked = profile.picker.pick(request, scored)
         if not picked:
             raise NoEndpoint(f"picker {profile.picker.name} chose no endpoint")
         return SchedulingResult(
-            profile=profile.name,
-            endpoints=picked,
-            scores={s.endpoint.address: s.score for s in scored},
-            plugin_scores=plugin_scores,
+            profile=profile.name, endpoints=picked, candidates=candidates, totals=totals, raw_scores=raw_scores
         )

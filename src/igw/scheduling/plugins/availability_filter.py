@@ -16,6 +16,8 @@ from igw.api.types import EndpointState, InferenceRequest
 from igw.framework.registry import register
 from igw.framework.scheduling import Filter
 
+_INF = float("inf")
+
 
 @register
 class AvailabilityFilter(Filter):
@@ -39,5 +41,10 @@ class AvailabilityFilter(Filter):
 
     def filter(self, request: InferenceRequest, candidates: Sequence[EndpointState]) -> Sequence[EndpointState]:
         now = self.clock()
-        fresh = [c for c in candidates if self.available(c, now)]
+        limit, max_failures = self.staleness_threshold, self.max_consecutive_failures
+        fresh = [
+            c
+            for c in candidates
+            if c.failures < max_failures and (now - c.metrics.scraped_at if c.metrics.scraped_at else _INF) <= limit
+        ]
         return fresh or candidates
