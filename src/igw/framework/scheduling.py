@@ -51,18 +51,14 @@ class Scorer(Plugin):
         """
 
 
-@dataclass(frozen=True, slots=True)
-class Scored:
-    endpoint: EndpointState
-    score: float
-
-
 class Picker(Plugin):
     @abstractmethod
-    def pick(self, request: InferenceRequest, scored: Sequence[Scored]) -> list[EndpointState]:
+    def pick(
+        self, request: InferenceRequest, candidates: Sequence[EndpointState], scores: Sequence[float]
+    ) -> list[EndpointState]:
         """Order the endpoints to use: the first is the pick, the rest are fallbacks.
 
-        ``scored`` is never empty; return at most ``max_endpoints`` of them.
+        ``scores[i]`` is the weighted total of ``candidates[i]``; ``candidates`` is never empty.
         """
 
 

@@ -10,7 +10,7 @@ from collections.abc import Sequence
 
 from igw.api.errors import NoEndpoint
 from igw.api.types import EndpointState, InferenceRequest
-from igw.framework.scheduling import SchedulerProfile, SchedulingResult, Scored
+from igw.framework.scheduling import SchedulerProfile, SchedulingResult
 
 
 class Scheduler:
@@ -35,8 +35,7 @@ class Scheduler:
             w = weighted.weight
             totals = [t + w * v for t, v in zip(totals, scores, strict=True)]
             raw_scores[weighted.scorer.name] = scores
-        scored = [Scored(c, t) for c, t in zip(candidates, totals, strict=True)]
-        picked = profile.picker.pick(request, scored)
+        picked = profile.picker.pick(request, candidates, totals)
         if not picked:
             raise NoEndpoint(f"picker {profile.picker.name} chose no endpoint")
         return SchedulingResult(

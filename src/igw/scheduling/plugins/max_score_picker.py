@@ -11,7 +11,7 @@ from collections.abc import Sequence
 
 from igw.api.types import EndpointState, InferenceRequest
 from igw.framework.registry import register
-from igw.framework.scheduling import Picker, Scored
+from igw.framework.scheduling import Picker
 
 
 @register
@@ -25,12 +25,14 @@ class MaxScorePicker(Picker):
         self.max_endpoints = max_endpoints
         self._rng = rng or random.Random()
 
-    def pick(self, request: InferenceRequest, scored: Sequence[Scored]) -> list[EndpointState]:
+    def pick(
+        self, request: InferenceRequest, candidates: Sequence[EndpointState], scores: Sequence[float]
+    ) -> list[EndpointState]:
         if self.max_endpoints == 1:
-            best = max(s.score for s in scored)
-            top = [s for s in scored if s.score == best]
-            return [self._rng.choice(top).endpoint]
-        shuffled = list(scored)
-        self._rng.shuffle(shuffled)
-        shuffled.sort(key=lambda s: s.score, reverse=True)  # stable: equal scores stay shuffled
-        return [s.endpoint for s in shuffled[: self.max_endpoints]]
+            best = max(scores)
+            top = [i for i, score in enumerate(scores) if score == best]
+            return [candidates[top[0] if len(top) == 1 else self._rng.choice(top)]]
+        order = list(range(len(candidates)))
+        self._rng.shuffle(order)
+        order.sort(key=scores.__getitem__, reverse=True)  # stable: equal scores stay shuffled
+        return [candidates[i] for i in order[: self.max_endpoints]]
