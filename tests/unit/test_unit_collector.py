@@ -309,14 +309,6 @@ async def test_stop_ends_every_scraper(servers, collectors) -> None:
     assert a.hits == hits
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "BUG collector.MetricsCollector._sync: scrapers are keyed by address only, so when an endpoint "
-        "keeps its address but changes engine (e.g. vllm -> sglang) the running scrape loop keeps the old "
-        "engine's reader and metrics path and never reads the new engine's series"
-    ),
-)
 async def test_engine_change_at_same_address_restarts_the_scraper(servers, collectors) -> None:
     srv = await servers(SGLANG_TEXT)
     store = EndpointStore()

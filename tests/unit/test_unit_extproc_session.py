@@ -687,28 +687,12 @@ async def test_protocol_errors(messages: list[ep.ProcessingRequest], needle: str
     assert rig.tracker.inflight == 0
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "BUG extproc.session._on_request_headers: an unknown request_body_mode number (proto3 enums are "
-        "open) makes ProcessingMode.BodySendMode.Name() raise ValueError instead of ProtocolError"
-    ),
-)
 async def test_unknown_body_mode_number_is_a_protocol_error() -> None:
     session = make_rig().session()
     with pytest.raises(ProtocolError):
         await session.handle(req_headers(mode=99))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "BUG extproc.session._on_response_headers: ':status' and the served-endpoint header are decoded "
-        "with strict UTF-8 (h.raw_value.decode()) and parsed with str.isdigit()+int(); an upstream header "
-        "with non-UTF-8 bytes raises UnicodeDecodeError and a non-ASCII digit like '²' raises ValueError, "
-        "escaping handle() as neither a list of responses nor ProtocolError"
-    ),
-)
 @pytest.mark.parametrize(
     "raw",
     [(":status", b"\xff\xfe"), (":status", "²".encode()), (SERVED, b"10.0.0.2:80\xff")],

@@ -366,14 +366,6 @@ def test_parse_labels(text: str, expected: dict[str, str]) -> None:
     assert parse_labels(text) == expected
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "BUG promtext.MetricsReader.read: the metric name ends only at '{' or ' ', but the exposition "
-        "format also allows a tab between tokens (prometheus_client parses 'name\\t3'); such lines are "
-        "silently skipped and the field reads as 0"
-    ),
-)
 def test_tab_separated_sample_is_read_like_prometheus_client() -> None:
     text = "vllm:num_requests_waiting\t3\n"
     parsed = [s.value for fam in text_string_to_metric_families(text) for s in fam.samples]

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import random
 from collections.abc import Sequence
-from typing import Any
 
 import pytest
 
@@ -18,7 +17,6 @@ from igw.framework.scheduling import (
     Plugin,
     SchedulerProfile,
     SchedulingResult,
-    Scored,
     Scorer,
     ScorerCategory,
     WeightedScorer,
@@ -222,8 +220,9 @@ def test_availability_filter_reads_its_clock_per_call() -> None:
 # --------------------------------------------------------------------------------------------
 
 
-def scored(*scores: float) -> list[Scored]:
-    return [Scored(state(i + 1), s) for i, s in enumerate(scores)]
+def scored(*scores: float) -> tuple[list[EndpointState], list[float]]:
+    """Parallel candidate and score lists, as the Scheduler hands them to the picker."""
+    return [state(i + 1) for i in range(len(scores))], list(scores)
 
 
 @pytest.mark.parametrize(
@@ -242,17 +241,17 @@ def scored(*scores: float) -> list[Scored]:
 )
 def test_max_score_picker_orders_by_score(scores: tuple[float, ...], max_endpoints: int, expected: list[int]) -> None:
     picker = MaxScorePicker(max_endpoints=max_endpoints, rng=random.Random(7))
-    picked = picker.pick(REQ, scored(*scores))
+    picked = picker.pick(REQ, *scored(*scores))
     assert [p.address for p in picked] == [f"10.0.0.{i}:8000" for i in expected]
 
 
 @pytest.mark.parametrize("max_endpoints", [1, 2], ids=["one", "two"])
 def test_max_score_picker_random_tie_break(max_endpoints: int) -> None:
     picker = MaxScorePicker(max_endpoints=max_endpoints, rng=random.Random(1234))
-    candidates = scored(0.3, 0.8, 0.8, 0.1)
+    candidates, scores = scored(0.3, 0.8, 0.8, 0.1)
     firsts: dict[str, int] = {}
     for _ in range(200):
-        picked = picker.pick(REQ, candidates)
+        picked = picker.pick(REQ, candidates, scores)
         assert len(picked) == max_endpoints
         firsts[picked[0].address] = firsts.get(picked[0].address, 0) + 1
         if max_endpoints == 2:
@@ -264,7 +263,7 @@ def test_max_score_picker_random_tie_break(max_endpoints: int) -> None:
 def test_max_score_picker_tie_break_is_reproducible_with_a_seed() -> None:
     def run() -> list[str]:
         picker = MaxScorePicker(rng=random.Random(99))
-        return [picker.pick(REQ, scored(1.0, 1.0, 1.0))[0].address for _ in range(30)]
+        return [picker.pick(REQ, *scored(1.0, 1.0, 1.0))[0].address for _ in range(30)]
 
     assert run() == run()
     assert len(set(run())) == 3
@@ -304,19 +303,20 @@ class DropFirst(Filter):
 class NoPick(Picker):
     type_name = "test-no-pick"
 
-    def pick(self, request: InferenceRequest, scored: Sequence[Scored]) -> list[EndpointState]:
+    def pick(
+        self, request: InferenceRequest, candidates: Sequence[EndpointState], scores: Sequence[float]
+    ) -> list[EndpointState]:
         return []
 
 
 def scores_of(result: SchedulingResult) -> dict[str, float]:
-    """Final score per candidate address (a method on SchedulingResult; a plain dict in older versions)."""
-    scores: Any = result.scores
-    return dict(scores() if callable(scores) else scores)
+    """Final weighted score per candidate address."""
+    return result.scores()
 
 
 def plugin_scores_of(result: SchedulingResult) -> dict[str, dict[str, float]]:
-    per_plugin: Any = result.plugin_scores
-    return dict(per_plugin() if callable(per_plugin) else per_plugin)
+    """Clamped score per candidate address, per scorer name."""
+    return result.plugin_scores()
 
 
 def profile(

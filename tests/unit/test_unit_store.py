@@ -80,15 +80,6 @@ def test_changed_endpoint_keeps_metrics_and_inflight() -> None:
     assert state.inflight == 0
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "BUG store.EndpointStore.set_endpoints: when an endpoint survives with a changed definition "
-        "(models/labels/engine), only metrics and inflight are copied into the new EndpointState; "
-        "dispatched_since_scrape, failures and last_error are reset, so the queue scorer forgets the "
-        "requests sent since the last scrape and a failing endpoint looks healthy again"
-    ),
-)
 def test_changed_endpoint_keeps_load_and_scrape_health() -> None:
     store = EndpointStore()
     store.set_endpoints([ep(A, models=["m1"])])

@@ -36,6 +36,7 @@ class MetricsCollector:
         self._settings = settings
         self._clock = clock
         self._tasks: dict[str, asyncio.Task[None]] = {}
+        self._scraping: dict[str, Endpoint] = {}
         self._session: aiohttp.ClientSession | None = None
         self._readers = {engine: MetricsReader(spec) for engine, spec in ENGINE_METRICS.items()}
 
@@ -51,6 +52,7 @@ class MetricsCollector:
     async def stop(self) -> None:
         tasks = list(self._tasks.values())
         self._tasks.clear()
+        self._scraping.clear()
         await aio.cancel_and_wait(*tasks)
         if self._session is not None:
             await self._session.close()
@@ -61,10 +63,12 @@ class MetricsCollector:
             return
         wanted = {state.address: state.endpoint for state in self._store.endpoints()}
         for address in list(self._tasks):
-            if address not in wanted:
+            if wanted.get(address) != self._scraping.get(address):  # gone, or redefined (engine, path)
                 self._tasks.pop(address).cancel()
+                del self._scraping[address]
         for address, endpoint in wanted.items():
             if address not in self._tasks:
+                self._scraping[address] = endpoint
                 self._tasks[address] = aio.spawn(self._scrape_loop(endpoint), name=f"scrape {address}")
 
     async def _scrape_loop(self, endpoint: Endpoint) -> None:

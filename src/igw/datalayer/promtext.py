@@ -38,6 +38,9 @@ class MetricsReader:
                 continue
             brace = line.find("{")
             space = line.find(" ")
+            tab = line.find("\t")
+            if tab != -1 and (space == -1 or tab < space):
+                space = tab
             end = brace if brace != -1 and (space == -1 or brace < space) else space
             if end <= 0:
                 continue

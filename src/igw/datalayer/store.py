@@ -34,8 +34,9 @@ class EndpointStore:
             state = self._states.get(ep.address)
             if state is None or state.endpoint != ep:
                 new_state = EndpointState(ep)
-                if state is not None:
-                    new_state.metrics, new_state.inflight = state.metrics, state.inflight
+                if state is not None:  # redefined (models, labels, engine): keep what was observed
+                    for attr in ("metrics", "inflight", "dispatched_since_scrape", "failures", "last_error"):
+                        setattr(new_state, attr, getattr(state, attr))
                 state = new_state
             fresh[ep.address] = state
         self._states = fresh

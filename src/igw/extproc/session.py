@@ -111,7 +111,8 @@ class ExtProcSession:
         if msg.HasField("protocol_config"):
             cfg = msg.protocol_config
             if cfg.request_body_mode not in _BODY_MODES:
-                name = _MODE.BodySendMode.Name(cfg.request_body_mode)
+                mode = cfg.request_body_mode
+                name = _MODE.BodySendMode.Name(mode) if mode in _MODE.BodySendMode.values() else str(mode)
                 raise ProtocolError(f"request_body_mode {name} is not supported; use FULL_DUPLEX_STREAMED or BUFFERED")
             self._mode = _BODY_MODES[cfg.request_body_mode]
             self._response_duplex = cfg.response_body_mode == _MODE.FULL_DUPLEX_STREAMED
@@ -212,10 +213,10 @@ class ExtProcSession:
         for h in msg.response_headers.headers.headers:
             key = h.key.lower()
             if key == ":status":
-                value = h.raw_value.decode() if h.raw_value else h.value
-                status = int(value) if value.isdigit() else None
+                value = h.raw_value.decode("utf-8", "replace") if h.raw_value else h.value
+                status = int(value) if value.isascii() and value.isdigit() else None
             elif key == SERVED_KEY:
-                served = served or (h.raw_value.decode() if h.raw_value else h.value)
+                served = served or (h.raw_value.decode("utf-8", "replace") if h.raw_value else h.value)
                 remove.append(SERVED_KEY)
         self._director.on_response_headers(self.ctx, status=status, served=served)
         return [responses.continue_response_headers(remove)]
@@ -230,7 +231,7 @@ def _subset_hint(msg: Any) -> list[str] | None:
         return None
     value = fields[SUBSET_HINT_KEY]
     if value.WhichOneof("kind") != "list_value":
-        return []
+        return None  # not a list: treated as no hint, as the reference EPP does
     return [v.string_value for v in value.list_value.values if v.WhichOneof("kind") == "string_value"]
 
 
