@@ -7,6 +7,7 @@ rest, stop the collector.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from types import TracebackType
 
@@ -68,10 +69,11 @@ class Epp:
         self.metrics.watch_pool(pool.name, self.store.endpoints)
         self.collector = MetricsCollector(self.store, settings.datalayer)
         self.tracker = RequestTracker(self.store, self.metrics)
+        self.profile = default_profile(settings)
         self.director = Director(
             store=self.store,
             admission=Admission(settings.admission, lambda: self.tracker.inflight),
-            scheduler=Scheduler(default_profile(settings)),
+            scheduler=Scheduler(self.profile),
             tracker=self.tracker,
             metrics=self.metrics,
             honour_subset_hint=settings.scheduling.honour_subset_hint,
@@ -98,6 +100,14 @@ class Epp:
             await self.stop()
             raise
         await self.health.set_ready(self.store.synced)
+        log.info("effective settings: %s", dataclasses.asdict(self.settings))
+        log.info(
+            "scheduling profile %r: filters %s, scorers %s, picker %s",
+            self.profile.name,
+            [f.type_name for f in self.profile.filters],
+            [f"{w.scorer.type_name}x{w.weight:g}" for w in self.profile.scorers],
+            self.profile.picker.type_name,
+        )
         log.info(
             "endpoint picker ready: ext_proc %s:%d, health %d, metrics %d, pool %r with %d endpoints",
             srv.host, self.grpc_port, self.health_port, self.metrics_port,
