@@ -20,7 +20,14 @@ from igw.api.context import RequestContext
 from igw.app.envoy import EnvoySettings, UpstreamMode
 from igw.app.gateway import Gateway, GatewaySettings
 from igw.config.pool import pool_from_addresses
-from igw.config.settings import BodyMode, DataLayerSettings, EppSettings, SchedulingSettings, ServerSettings
+from igw.config.settings import (
+    AdmissionSettings,
+    BodyMode,
+    DataLayerSettings,
+    EppSettings,
+    SchedulingSettings,
+    ServerSettings,
+)
 from igw_sim.engine import EngineConfig
 from igw_sim.fleet import SimFleet
 
@@ -90,6 +97,7 @@ async def start_gateway() -> AsyncIterator[GatewayFactory]:
         max_body: int = 32 * 1024 * 1024,
         datalayer: DataLayerSettings | None = None,
         models: list[str] | None = None,
+        max_inflight: int = 0,
         edit_bootstrap: Callable[[dict[str, Any]], None] | None = None,
     ) -> RunningGateway:
         if fail_open is None:  # Envoy fails open only in buffered mode
@@ -105,6 +113,7 @@ async def start_gateway() -> AsyncIterator[GatewayFactory]:
             ),
             datalayer=datalayer or DataLayerSettings(scrape_interval=0.02),
             scheduling=SchedulingSettings(fallbacks=fallbacks),
+            admission=AdmissionSettings(max_inflight_requests=max_inflight),
         )
         envoy = EnvoySettings(
             listen_port=free_port(), admin_port=free_port(), upstream=upstream, fail_open=fail_open,

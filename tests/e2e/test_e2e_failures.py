@@ -129,3 +129,22 @@ async def test_client_abort_releases_the_inflight_count(
         resp.close()  # the client goes away mid-stream
         assert await eventually(lambda: sum(s.inflight for s in gw.epp.store.endpoints()) == 0)
         assert gw.epp.tracker.inflight == 0
+
+
+async def test_over_the_inflight_limit_requests_are_shed_with_429(
+    start_gateway: GatewayFactory, http: aiohttp.ClientSession
+) -> None:
+    from e2e_support import FAST_ENGINE
+
+    slow = FAST_ENGINE.__class__(max_num_seqs=4, prefill_overhead_ms=1, prefill_ms_per_token=0, itl_ms=50)
+    async with SimFleet(ports=[0], engine=slow) as fleet:
+        gw = await start_gateway(fleet.addresses, max_inflight=1, body_mode=BodyMode.BUFFERED)
+        held = await http.post(f"{gw.url}/v1/chat/completions", json=chat("hold", max_tokens=100, stream=True))
+        assert held.status == 200
+        got, payload = await _post(http, gw.url + "/v1/chat/completions", chat("one more"))
+        assert got == 429
+        assert "limit 1" in payload["error"]["message"]
+        held.close()
+        assert await eventually(lambda: gw.epp.tracker.inflight == 0)
+        got, _ = await _post(http, gw.url + "/v1/chat/completions", chat("now it fits"))
+        assert got == 200
