@@ -56,7 +56,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _overhead(args: argparse.Namespace) -> int:
-    from igw_bench.overhead import OverheadOptions, format_table, run_loop, run_overhead, write_report
+    from igw_bench.overhead import OverheadOptions, format_table, run_overhead, write_report
+    from igw_bench.procs import run_loop
 
     opts = OverheadOptions(
         duration_s=args.duration,

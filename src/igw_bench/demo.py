@@ -10,15 +10,17 @@ from __future__ import annotations
 import asyncio
 import random
 import sys
+import tempfile
 from collections import Counter
 from dataclasses import dataclass
+from pathlib import Path
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from igw_bench.client import RequestSpec, Result, percentile, run_closed_loop
-from igw_bench.procs import Child, free_port
+from igw_bench.procs import Child, free_ports
 
 MODEL = "sim-model"
 _WORDS = ("gateway", "token", "cache", "prefix", "queue", "model", "server", "latency", "batch", "route")
@@ -74,17 +76,17 @@ def summary_table(results: list[Result]) -> Table:
     return table
 
 
-async def _demo(opts: DemoOptions, console: Console) -> int:
-    sim_ports = [free_port() for _ in range(opts.servers)]
+async def _demo(opts: DemoOptions, console: Console, logs: Path) -> int:
+    *sim_ports, admin_port, grpc_port, grpc_health_port, metrics_port = free_ports(opts.servers + 4)
     sim = Child("simulator", [sys.executable, "-m", "igw_sim", "--ports", ",".join(map(str, sim_ports)),
-                              "--model", MODEL, "--max-num-seqs", "4", "--itl-ms", "8"])  # fmt: skip
+                              "--model", MODEL, "--max-num-seqs", "4", "--itl-ms", "8"], logs / "sim.log")  # fmt: skip
     gw_argv = [sys.executable, "-m", "igw", "run", "--listen", f"127.0.0.1:{opts.gateway_port}",
-               "--admin-port", str(free_port()), "--grpc-port", str(free_port()),
-               "--grpc-health-port", str(free_port()), "--metrics-port", str(free_port()),
+               "--admin-port", str(admin_port), "--grpc-port", str(grpc_port),
+               "--grpc-health-port", str(grpc_health_port), "--metrics-port", str(metrics_port),
                "--model", MODEL]  # fmt: skip
     for port in sim_ports:
         gw_argv += ["--endpoint", f"127.0.0.1:{port}"]
-    gateway = Child("gateway", gw_argv)
+    gateway = Child("gateway", gw_argv, logs / "gateway.log")
     url = f"http://127.0.0.1:{opts.gateway_port}"
     try:
         with console.status(f"starting {opts.servers} simulated vLLM servers..."):
@@ -138,9 +140,10 @@ async def _demo(opts: DemoOptions, console: Console) -> int:
 def run_demo(opts: DemoOptions) -> int:
     console = Console()
     try:
-        return asyncio.run(_demo(opts, console))
+        with tempfile.TemporaryDirectory(prefix="igw-demo-") as logs:
+            return asyncio.run(_demo(opts, console, Path(logs)))
     except KeyboardInterrupt:
         return 130
-    except RuntimeError as exc:
+    except (RuntimeError, TimeoutError) as exc:
         console.print(f"[bold red]demo failed:[/] {exc}")
         return 1
