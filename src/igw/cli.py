@@ -41,6 +41,9 @@ def _add_run_parser(sub: Any) -> None:
                     help="how Envoy follows the pick (override-host: pool members only, with fallbacks)")  # fmt: skip
     gw.add_argument("--fail-close", action="store_true",
                     help="answer 503 when the EPP is down (default: fail open to least-request balancing)")  # fmt: skip
+    gw.add_argument("--no-response-headers", action="store_true",
+                    help="buffered mode: don't send response headers to the EPP (fewer messages; no status, "
+                         "time-to-first-byte or served-endpoint correction)")  # fmt: skip
     gw.add_argument("--envoy-concurrency", type=int, default=1, help="Envoy worker threads")
     gw.add_argument("--no-envoy", action="store_true", help="run only the EPP (your gateway connects to it)")
     epp = p.add_argument_group("endpoint picker")
@@ -136,6 +139,7 @@ def _run_command(args: argparse.Namespace) -> Coroutine[Any, Any, None]:
             max_request_body_bytes=args.max_body_size,
             retries=fallbacks,
             concurrency=args.envoy_concurrency,
+            response_headers=not args.no_response_headers,
         )
     except ValueError as exc:
         raise ConfigError(str(exc)) from None

@@ -44,8 +44,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     ov.add_argument("--duration", type=_positive_float, default=8.0, help="measured seconds per step (default 8)")
     ov.add_argument("--warmup", type=_non_negative_float, default=2.0, help="warm-up seconds per step (default 2)")
-    ov.add_argument("--body-mode", choices=["duplex", "buffered"], default="duplex",
-                    help="arm B's ext_proc request body mode (default duplex)")  # fmt: skip
+    ov.add_argument("--body-mode", choices=["buffered", "duplex"], default="buffered",
+                    help="arm B's ext_proc request body mode (default buffered, as igw run)")  # fmt: skip
     ov.add_argument("--out", type=Path, default=Path("benchmarks/results"), metavar="DIR",
                     help="where the JSON report goes (default benchmarks/results)")  # fmt: skip
     ov.add_argument("--concurrency-1k", type=_positive_int, default=32, help="throughput step, 1 KB (default 32)")

@@ -67,7 +67,7 @@ class SizeSpec:
 class OverheadOptions:
     duration_s: float = 8.0
     warmup_s: float = 2.0
-    body_mode: str = "duplex"
+    body_mode: str = "buffered"
     out_dir: Path = Path("benchmarks/results")
     concurrency_1k: int = 32
     concurrency_200k: int = 8
