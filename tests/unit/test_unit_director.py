@@ -13,13 +13,11 @@ from igw.accounting.tracker import RequestTracker
 from igw.api.context import RequestContext
 from igw.api.errors import BadRequest, ModelNotFound, NoEndpoint, Shed
 from igw.api.types import Endpoint, EndpointMetrics
-from igw.app.epp import default_profile
+from igw.app.epp import build_director
 from igw.config.settings import AdmissionSettings, EppSettings, SchedulingSettings
 from igw.datalayer.store import EndpointStore
-from igw.flowcontrol.admission import Admission
 from igw.observability.metrics import EppMetrics
 from igw.requestcontrol.director import Director, subset
-from igw.scheduling.scheduler import Scheduler
 
 
 @dataclass
@@ -49,15 +47,8 @@ def rig(endpoints: list[Endpoint], settings: EppSettings | None = None) -> Rig:
     for s in store.endpoints():
         store.update_metrics(s.address, EndpointMetrics(scraped_at=now))
     metrics = EppMetrics(CollectorRegistry())
-    tracker = RequestTracker(store, metrics)
-    director = Director(
-        store=store,
-        admission=Admission(settings.admission, lambda: tracker.inflight),
-        scheduler=Scheduler(default_profile(settings)),
-        tracker=tracker,
-        metrics=metrics,
-        honour_subset_hint=settings.scheduling.honour_subset_hint,
-    )
+    director = build_director(settings, store, metrics)
+    tracker = director.tracker
     return Rig(store, tracker, metrics, director)
 
 

@@ -16,14 +16,12 @@ from prometheus_client import CollectorRegistry
 
 from igw.accounting.tracker import RequestTracker
 from igw.api.types import Endpoint, EndpointMetrics
-from igw.app.epp import default_profile
+from igw.app.epp import build_director
 from igw.config.settings import AdmissionSettings, BodyMode, EppSettings, ServerSettings
 from igw.datalayer.store import EndpointStore
 from igw.extproc.session import ExtProcSession, ProtocolError
-from igw.flowcontrol.admission import Admission
 from igw.observability.metrics import EppMetrics
 from igw.requestcontrol.director import Director
-from igw.scheduling.scheduler import Scheduler
 
 MODE = processing_mode_pb2.ProcessingMode
 A, B = "10.0.0.1:8000", "10.0.0.2:8000"
@@ -181,14 +179,8 @@ def build(
     for s in store.endpoints():
         store.update_metrics(s.address, EndpointMetrics(scraped_at=time.monotonic()))
     metrics = EppMetrics(CollectorRegistry())
-    tracker = RequestTracker(store, metrics)
-    director = Director(
-        store=store,
-        admission=Admission(settings.admission, lambda: tracker.inflight),
-        scheduler=Scheduler(default_profile(settings)),
-        tracker=tracker,
-        metrics=metrics,
-    )
+    director = build_director(settings, store, metrics)
+    tracker = director.tracker
     return store, tracker, metrics, director
 
 

@@ -59,6 +59,19 @@ def default_profile(settings: EppSettings) -> SchedulerProfile:
     )
 
 
+def build_director(settings: EppSettings, store: EndpointStore, metrics: EppMetrics) -> Director:
+    """The request path over a store: admission, the default profile, in-flight accounting."""
+    tracker = RequestTracker(store, metrics)
+    return Director(
+        store=store,
+        admission=Admission(settings.admission, lambda: tracker.inflight),
+        scheduler=Scheduler(default_profile(settings)),
+        tracker=tracker,
+        metrics=metrics,
+        honour_subset_hint=settings.scheduling.honour_subset_hint,
+    )
+
+
 class Epp:
     def __init__(self, settings: EppSettings, pool: PoolSpec, *, registry: CollectorRegistry | None = None):
         self.settings = settings
@@ -68,16 +81,9 @@ class Epp:
         self.store.set_endpoints(pool.build())
         self.metrics.watch_pool(pool.name, self.store.endpoints)
         self.collector = MetricsCollector(self.store, settings.datalayer)
-        self.tracker = RequestTracker(self.store, self.metrics)
-        self.profile = default_profile(settings)
-        self.director = Director(
-            store=self.store,
-            admission=Admission(settings.admission, lambda: self.tracker.inflight),
-            scheduler=Scheduler(self.profile),
-            tracker=self.tracker,
-            metrics=self.metrics,
-            honour_subset_hint=settings.scheduling.honour_subset_hint,
-        )
+        self.director = build_director(settings, self.store, self.metrics)
+        self.tracker = self.director.tracker
+        self.profile = self.director.scheduler.profile
         self.health = HealthState()
         self._grpc: grpc.aio.Server | None = None
         self._health_server: grpc.aio.Server | None = None
