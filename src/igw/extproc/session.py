@@ -67,7 +67,8 @@ class ExtProcSession:
         self._clock = clock
         self.ctx: RequestContext | None = None
         self._mode: BodyMode | None = settings.default_body_mode
-        self._response_duplex = False
+        self._response_duplex = settings.default_body_mode is BodyMode.FULL_DUPLEX_STREAMED
+        """Whether response bodies must be echoed (the proxy streams them in duplex mode)."""
         self._body = bytearray()
         self._routed = False
         self._closed = False
