@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
+from typing import Any
 
 import orjson
 from envoy.config.core.v3 import base_pb2
@@ -86,13 +87,14 @@ def routed_headers(set_headers: Mapping[str, str], destination: str) -> ep.Proce
     )
 
 
-def routed_body(set_headers: Mapping[str, str], destination: str) -> ep.ProcessingResponse:
-    """Buffered mode: the body reply carries the header mutation (Envoy still holds the headers)."""
+def routed_body(set_headers: Mapping[str, str], destination: str, *, new_body: bytes | None = None) -> Any:
+    """Buffered mode: the body reply carries the header mutation (Envoy still holds the headers),
+    and the replacement body if the request was rewritten (``set_headers`` then has its length)."""
+    common = ep.CommonResponse(header_mutation=header_mutation(set_headers), clear_route_cache=True)
+    if new_body is not None:
+        common.body_mutation.body = new_body
     return ep.ProcessingResponse(
-        request_body=ep.BodyResponse(
-            response=ep.CommonResponse(header_mutation=header_mutation(set_headers), clear_route_cache=True)
-        ),
-        dynamic_metadata=destination_metadata(destination),
+        request_body=ep.BodyResponse(response=common), dynamic_metadata=destination_metadata(destination)
     )
 
 

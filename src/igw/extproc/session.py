@@ -69,7 +69,8 @@ class ExtProcSession:
         self._mode: BodyMode | None = settings.default_body_mode
         self._response_duplex = settings.default_body_mode is BodyMode.FULL_DUPLEX_STREAMED
         """Whether response bodies must be echoed (the proxy streams them in duplex mode)."""
-        self._body = bytearray()
+        self._chunks: list[bytes] = []
+        self._body_size = 0
         self._routed = False
         self._closed = False
         """An immediate response was sent: the proxy will not send more for this request."""
@@ -152,8 +153,10 @@ class ExtProcSession:
             raise ProtocolError("request_body after the request was routed")
         if self._mode is None:
             raise ProtocolError("request_body although the body mode is NONE")
-        self._body += body.body
-        if len(self._body) > self._settings.max_request_body_bytes:
+        if body.body:
+            self._chunks.append(body.body)
+            self._body_size += len(body.body)
+        if self._body_size > self._settings.max_request_body_bytes:
             return self._fail(
                 PayloadTooLarge(
                     f"request body is larger than the limit of {self._settings.max_request_body_bytes} bytes"
@@ -170,17 +173,18 @@ class ExtProcSession:
 
     async def _route_body(self, *, trailers_follow: bool) -> list[Any]:
         assert self.ctx is not None
-        body = bytes(self._body)
-        self._body = bytearray()
+        chunks, self._chunks = self._chunks, []
+        body = chunks[0] if len(chunks) == 1 else b"".join(chunks)  # buffered: one chunk, no copy
         try:
             decision = await self._director.handle_request(self.ctx, body)
         except Exception as exc:
             return self._fail(exc)
         self._routed = True
         headers = self._headers_for(decision)
+        if decision.body is not None:
+            headers["content-length"] = str(len(decision.body))
         if self._mode is BodyMode.BUFFERED:
-            # TODO(body rewrite): a changed body in buffered mode needs a body mutation here.
-            return [responses.routed_body(headers, decision.destination)]
+            return [responses.routed_body(headers, decision.destination, new_body=decision.body)]
         out_body = decision.body if decision.body is not None else body
         headers["content-length"] = str(len(out_body))
         return [
