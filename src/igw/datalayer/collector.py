@@ -12,12 +12,11 @@ import logging
 import time
 from collections.abc import Callable
 
-import aiohttp
-
 from igw import aio
 from igw.api.types import Endpoint
 from igw.config.settings import DataLayerSettings
 from igw.datalayer.engines import ENGINE_METRICS
+from igw.datalayer.httpget import HttpGetter, ScrapeError
 from igw.datalayer.promtext import MetricsReader
 from igw.datalayer.store import EndpointStore
 
@@ -37,15 +36,11 @@ class MetricsCollector:
         self._clock = clock
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self._scraping: dict[str, Endpoint] = {}
-        self._session: aiohttp.ClientSession | None = None
+        self._running = False
         self._readers = {engine: MetricsReader(spec) for engine, spec in ENGINE_METRICS.items()}
 
     async def start(self) -> None:
-        self._session = aiohttp.ClientSession(
-            connector=aiohttp.TCPConnector(limit=0, keepalive_timeout=30),
-            timeout=aiohttp.ClientTimeout(total=self._settings.scrape_timeout),
-            auto_decompress=True,
-        )
+        self._running = True
         self._store.on_change(self._sync)
         self._sync()
 
@@ -53,13 +48,11 @@ class MetricsCollector:
         tasks = list(self._tasks.values())
         self._tasks.clear()
         self._scraping.clear()
+        self._running = False
         await aio.cancel_and_wait(*tasks)
-        if self._session is not None:
-            await self._session.close()
-            self._session = None
 
     def _sync(self) -> None:
-        if self._session is None:
+        if not self._running:
             return
         wanted = {state.address: state.endpoint for state in self._store.endpoints()}
         for address in list(self._tasks):
@@ -72,29 +65,29 @@ class MetricsCollector:
                 self._tasks[address] = aio.spawn(self._scrape_loop(endpoint), name=f"scrape {address}")
 
     async def _scrape_loop(self, endpoint: Endpoint) -> None:
-        assert self._session is not None
         spec = ENGINE_METRICS[endpoint.engine]
         reader = self._readers[endpoint.engine]
         path = self._settings.metrics_path or spec.metrics_path
-        host = f"[{endpoint.host}]" if ":" in endpoint.host else endpoint.host
-        url = f"http://{host}:{endpoint.port}{path}"
+        getter = HttpGetter(endpoint.host, endpoint.port, path, timeout=self._settings.scrape_timeout)
         interval = self._settings.scrape_interval
         failures = 0
-        while True:
-            started = self._clock()
-            try:
-                async with self._session.get(url) as resp:
-                    if resp.status != 200:
-                        raise RuntimeError(f"HTTP {resp.status}")
-                    text = await resp.text()
-                self._store.update_metrics(endpoint.address, reader.read(text, now=self._clock()))
-                failures = 0
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:
-                failures += 1
-                reason = str(exc) or type(exc).__name__
-                self._store.record_scrape_error(endpoint.address, reason, failures)
-                if failures == self._settings.max_consecutive_failures:
-                    log.warning("endpoint %s: metrics scrape failing: %s", endpoint.address, reason)
-            await asyncio.sleep(max(0.0, interval - (self._clock() - started)))
+        try:
+            while True:
+                started = self._clock()
+                try:
+                    status, body = await getter.get()
+                    if status != 200:
+                        raise ScrapeError(f"HTTP {status}")
+                    metrics = reader.read(body.decode("utf-8", "replace"), now=self._clock())
+                    self._store.update_metrics(endpoint.address, metrics)
+                    failures = 0
+                except Exception as exc:  # ScrapeError, or a bug: never let one scrape end the loop
+                    if not isinstance(exc, ScrapeError):
+                        log.exception("endpoint %s: unexpected scrape error", endpoint.address)
+                    failures += 1
+                    self._store.record_scrape_error(endpoint.address, str(exc), failures)
+                    if failures == self._settings.max_consecutive_failures:
+                        log.warning("endpoint %s: metrics scrape failing: %s", endpoint.address, exc)
+                await asyncio.sleep(max(0.0, interval - (self._clock() - started)))
+        finally:
+            getter.close()
