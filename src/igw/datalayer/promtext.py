@@ -20,8 +20,20 @@ _LABEL = re.compile(r'([a-zA-Z_][a-zA-Z0-9_]*)\s*=\s*"((?:[^"\\]|\\.)*)"')
 
 
 def parse_labels(text: str) -> dict[str, str]:
-    """``a="1",b="x"`` -> dict (escapes kept as written; igw only reads plain values)."""
-    return dict(_LABEL.findall(text))
+    """``a="1",b="x"`` -> dict (escapes kept as written; igw only reads plain values).
+
+    Info-style series (``cache_config_info``) repeat the same long label text on every scrape,
+    so parsed label sets are memoised (bounded); callers must not modify the result.
+    """
+    labels = _LABELS_MEMO.get(text)
+    if labels is None:
+        if len(_LABELS_MEMO) >= 4096:
+            _LABELS_MEMO.clear()
+        labels = _LABELS_MEMO[text] = dict(_LABEL.findall(text))
+    return labels
+
+
+_LABELS_MEMO: dict[str, dict[str, str]] = {}
 
 
 class MetricsReader:
