@@ -3,6 +3,8 @@
 ``igw bench overhead``: requests/s, added latency and EPP CPU per request of the full gateway
 (Envoy + EPP over ext_proc) against Envoy alone, side by side in one run, for 1 KB and 200 KB
 OpenAI chat requests. Prints a Markdown table and writes the JSON report.
+
+``igw bench scrape``: the EPP's CPU while it keeps N endpoints' metrics fresh.
 """
 
 from __future__ import annotations
@@ -52,7 +54,29 @@ def build_parser() -> argparse.ArgumentParser:
     ov.add_argument("--concurrency-200k", type=_positive_int, default=8, help="throughput step, 200 KB (default 8)")
     ov.add_argument("--max-requests", type=_positive_int, default=1_000_000,
                     help="upper bound on requests per step (default 1000000)")  # fmt: skip
+    sc = sub.add_parser(
+        "scrape",
+        help="EPP CPU spent keeping N endpoints' metrics fresh (no traffic)",
+        description="Runs the EPP alone in front of N simulated servers and measures its CPU while it scrapes.",
+    )
+    sc.add_argument("--endpoints", type=_positive_int, nargs="+", default=[8, 64], help="fleet sizes (default 8 64)")
+    sc.add_argument("--interval", type=_positive_float, default=0.05, help="scrape interval, seconds (default 0.05)")
+    sc.add_argument("--duration", type=_positive_float, default=8.0, help="measured seconds per size (default 8)")
     return parser
+
+
+def _scrape(args: argparse.Namespace) -> int:
+    from igw_bench.procs import run_loop
+    from igw_bench.scrape import ScrapeOptions, format_table, run_scrape
+
+    opts = ScrapeOptions(endpoints=tuple(args.endpoints), interval_s=args.interval, duration_s=args.duration)
+    try:
+        rows = run_loop(run_scrape(opts))
+    except (RuntimeError, TimeoutError, OSError) as exc:
+        print(f"igw bench scrape: error: {exc}", file=sys.stderr)
+        return 1
+    print(format_table(rows), flush=True)
+    return 0
 
 
 def _overhead(args: argparse.Namespace) -> int:
@@ -96,4 +120,6 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "overhead":
         return _overhead(args)
+    if args.command == "scrape":
+        return _scrape(args)
     return 2  # pragma: no cover - argparse only accepts known commands
