@@ -22,6 +22,7 @@ class Result:
     ok: bool
     status: int
     ttft_s: float | None
+    """Time to the first token of a streamed response (None when not streamed or failed)."""
     e2e_s: float
     output_tokens: int = 0
     endpoint: str | None = None
@@ -59,7 +60,6 @@ async def send(http: aiohttp.ClientSession, base_url: str, spec: RequestSpec) ->
                         tokens += 1
             else:
                 data = orjson.loads(await resp.read())
-                ttft = time.perf_counter() - started
                 tokens = int((data.get("usage") or {}).get("completion_tokens", 0))
             return Result(True, 200, ttft, time.perf_counter() - started, tokens, endpoint)
     except (TimeoutError, aiohttp.ClientError, ValueError) as exc:

@@ -60,8 +60,9 @@ def workload(n: int, seed: int) -> list[RequestSpec]:
 
 def summary_table(results: list[Result]) -> Table:
     table = Table(title="Per endpoint", show_lines=False)
-    for col in ("endpoint", "requests", "share", "TTFT p50 (ms)", "TTFT p90 (ms)", "errors"):
-        table.add_column(col, justify="right" if col != "endpoint" else "left")
+    table.add_column("endpoint", no_wrap=True)
+    for col in ("requests", "share", "TTFT p50 ms*", "TTFT p90 ms*", "errors"):
+        table.add_column(col, justify="right")
     by_ep: dict[str, list[Result]] = {}
     for r in results:
         by_ep.setdefault(r.endpoint or "(none)", []).append(r)
@@ -114,6 +115,7 @@ async def _demo(opts: DemoOptions, console: Console, logs: Path) -> int:
                 url, specs, concurrency=opts.concurrency, deadline_s=opts.duration_s, on_result=tick
             )
         console.print(summary_table(results))
+        console.print("* time to first token, over the streamed requests", style="dim")
         ok = [r for r in results if r.ok]
         e2e = [r.e2e_s * 1000 for r in ok]
         statuses = Counter(r.status for r in results if not r.ok)
