@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import sys
 from collections.abc import Coroutine
 from typing import Any
@@ -156,6 +157,8 @@ def _run_async(coro: Coroutine[Any, Any, None]) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # igw forks only to exec Envoy: gRPC's fork handlers have nothing to do (and would log about it).
+    os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "0")
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "sim":
         from igw_sim.cli import main as sim_main
@@ -170,6 +173,7 @@ def main(argv: list[str] | None = None) -> int:
         level=logging.DEBUG if getattr(args, "verbose", 0) > 1 else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    from igw.app.envoy import EnvoyError
     from igw.config.pool import ConfigError
 
     try:
@@ -191,6 +195,9 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"igw: error: {exc}", file=sys.stderr)
         return 2
+    except EnvoyError as exc:
+        print(f"igw: error: {exc}", file=sys.stderr)
+        return 1
     except OSError as exc:
         print(f"igw: error: {exc}", file=sys.stderr)
         return 1

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import signal
+import socket
 import subprocess
 import sys
 
@@ -77,3 +78,19 @@ def test_igw_demo_runs_and_spreads_traffic() -> None:
     assert out.returncode == 0, out.stdout + out.stderr
     assert "40/40 requests succeeded" in out.stdout
     assert "curl" in out.stdout
+
+
+def test_igw_run_reports_a_gateway_port_in_use() -> None:
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        out = subprocess.run(
+            [sys.executable, "-m", "igw", "run", "--endpoint", "127.0.0.1:1", "--listen", f"127.0.0.1:{port}",
+             "--admin-port", str(free_port()), "--grpc-port", str(free_port()),
+             "--grpc-health-port", str(free_port()), "--metrics-port", str(free_port())],
+            capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+    assert out.returncode == 1
+    assert "igw: error: Envoy exited" in out.stderr
+    assert "Traceback" not in out.stderr

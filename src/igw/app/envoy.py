@@ -38,6 +38,10 @@ from igw.config.settings import BodyMode
 log = logging.getLogger("igw.envoy")
 
 
+class EnvoyError(RuntimeError):
+    """Envoy could not be started or did not become ready; the message says what happened."""
+
+
 class UpstreamMode(StrEnum):
     OVERRIDE_HOST = "override-host"
     ORIGINAL_DST = "original-dst"
@@ -300,13 +304,16 @@ class EnvoyProcess:
             while True:
                 assert self.proc is not None
                 if self.proc.returncode is not None:
-                    raise RuntimeError(f"Envoy exited with status {self.proc.returncode} during start-up")
+                    raise EnvoyError(
+                        f"Envoy exited with status {self.proc.returncode} during start-up (its log is above: "
+                        "a port in use?)"
+                    )
                 with contextlib.suppress(aiohttp.ClientError, asyncio.TimeoutError):
                     async with http.get(url) as resp:
                         if resp.status == 200:
                             return
                 if loop.time() > deadline:
-                    raise TimeoutError(f"Envoy not ready after {timeout:.0f}s")
+                    raise EnvoyError(f"Envoy not ready after {timeout:.0f}s")
                 await asyncio.sleep(0.05)
 
     async def stop(self, *, timeout: float = 10.0) -> None:

@@ -16,7 +16,7 @@ from typing import Any
 
 import aiohttp
 
-from igw.app.envoy import EnvoyProcess, EnvoySettings, render_bootstrap
+from igw.app.envoy import EnvoyError, EnvoyProcess, EnvoySettings, render_bootstrap
 from igw.app.epp import Epp
 from igw.config.pool import PoolSpec
 from igw.config.settings import EppSettings
@@ -76,15 +76,17 @@ class Gateway:
         url = f"http://127.0.0.1:{self.settings.envoy.admin_port}/clusters"
         marker = "igw_epp::"
         async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=1)) as http:
-            async with asyncio.timeout(timeout):
-                while True:
-                    with contextlib.suppress(aiohttp.ClientError, TimeoutError):
-                        async with http.get(url) as resp:
-                            text = await resp.text()
-                        flags = [ln for ln in text.splitlines() if ln.startswith(marker) and "::health_flags::" in ln]
-                        if flags and all(ln.endswith("::healthy") for ln in flags):
-                            return
-                    await asyncio.sleep(0.05)
+            deadline = asyncio.get_running_loop().time() + timeout
+            while True:
+                with contextlib.suppress(aiohttp.ClientError, TimeoutError):
+                    async with http.get(url) as resp:
+                        text = await resp.text()
+                    flags = [ln for ln in text.splitlines() if ln.startswith(marker) and "::health_flags::" in ln]
+                    if flags and all(ln.endswith("::healthy") for ln in flags):
+                        return
+                if asyncio.get_running_loop().time() > deadline:
+                    raise EnvoyError(f"Envoy does not see the EPP healthy after {timeout:.0f}s")
+                await asyncio.sleep(0.05)
 
     async def stop(self) -> None:
         if self.envoy is not None:
