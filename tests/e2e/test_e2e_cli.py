@@ -80,17 +80,24 @@ def test_igw_demo_runs_and_spreads_traffic() -> None:
     assert "curl" in out.stdout
 
 
-def test_igw_run_reports_a_gateway_port_in_use() -> None:
+@pytest.mark.parametrize(
+    ("flag", "message"),
+    [("--listen", "Envoy exited"), ("--grpc-port", "cannot bind the ext_proc port"),
+     ("--grpc-health-port", "cannot bind the health port"), ("--metrics-port", "address already in use")],
+    ids=["gateway", "ext_proc", "health", "metrics"],
+)  # fmt: skip
+def test_igw_run_reports_a_port_in_use(flag: str, message: str) -> None:
+    ports = {f: str(free_port()) for f in ("--admin-port", "--grpc-port", "--grpc-health-port", "--metrics-port")}
+    ports["--listen"] = f"127.0.0.1:{free_port()}"
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))
         busy.listen()
         port = busy.getsockname()[1]
-        out = subprocess.run(
-            [sys.executable, "-m", "igw", "run", "--endpoint", "127.0.0.1:1", "--listen", f"127.0.0.1:{port}",
-             "--admin-port", str(free_port()), "--grpc-port", str(free_port()),
-             "--grpc-health-port", str(free_port()), "--metrics-port", str(free_port())],
-            capture_output=True, text=True, timeout=60,
-        )  # fmt: skip
+        ports[flag] = f"127.0.0.1:{port}" if flag == "--listen" else str(port)
+        argv = [sys.executable, "-m", "igw", "run", "--endpoint", "127.0.0.1:1"]
+        for name, value in ports.items():
+            argv += [name, value]
+        out = subprocess.run(argv, capture_output=True, text=True, timeout=60)
     assert out.returncode == 1
-    assert "igw: error: Envoy exited" in out.stderr
+    assert message in out.stderr
     assert "Traceback" not in out.stderr

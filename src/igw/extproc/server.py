@@ -15,6 +15,7 @@ from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as ep_grpc
 
 from igw.config.settings import ServerSettings
 from igw.extproc.session import ExtProcSession, ProtocolError
+from igw.grpcutil import bind_port
 from igw.observability.metrics import EppMetrics
 from igw.requestcontrol.director import Director
 
@@ -64,8 +65,6 @@ async def start_extproc_server(
 ) -> tuple[grpc.aio.Server, int]:
     server = grpc.aio.server(options=_options(settings))
     ep_grpc.add_ExternalProcessorServicer_to_server(ExternalProcessor(director, settings, metrics), server)
-    port = server.add_insecure_port(f"{settings.host}:{settings.grpc_port}")
-    if port == 0:
-        raise OSError(f"cannot bind the ext_proc port {settings.host}:{settings.grpc_port}")
+    port = bind_port(server, settings.host, settings.grpc_port, what="ext_proc")
     await server.start()
     return server, port

@@ -10,6 +10,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from igw.config.settings import ServerSettings
+from igw.grpcutil import bind_port
 
 EXT_PROC_SERVICE = "envoy.service.ext_proc.v3.ExternalProcessor"
 HEALTH_SERVICES = ("", "liveness", "readiness", EXT_PROC_SERVICE)
@@ -37,9 +38,7 @@ class HealthState:
 async def start_health_server(settings: ServerSettings, state: HealthState) -> tuple[grpc.aio.Server, int]:
     server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
     health_pb2_grpc.add_HealthServicer_to_server(state.servicer, server)
-    port = server.add_insecure_port(f"{settings.host}:{settings.health_port}")
-    if port == 0:
-        raise OSError(f"cannot bind the health port {settings.host}:{settings.health_port}")
+    port = bind_port(server, settings.host, settings.health_port, what="health")
     await state.set_ready(False)
     await server.start()
     return server, port
