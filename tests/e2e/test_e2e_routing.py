@@ -167,3 +167,22 @@ async def test_an_endpoint_that_stops_answering_stops_being_picked(
         state = gw.epp.store.get(gone)
         assert state is not None
         assert state.failures >= 3
+
+
+@BOTH_MODES
+async def test_chunked_upload_without_content_length(
+    fleet: SimFleet, start_gateway: GatewayFactory, http: aiohttp.ClientSession, body_mode: BodyMode
+) -> None:
+    gw = await start_gateway(fleet.addresses, body_mode=body_mode)
+    body = orjson.dumps(chat("chunked", user="c" * 300_000))
+
+    async def pieces() -> Any:
+        for i in range(0, len(body), 50_000):
+            yield body[i : i + 50_000]
+            await asyncio.sleep(0.01)
+
+    async with http.post(
+        f"{gw.url}/v1/chat/completions", data=pieces(), headers={"content-type": "application/json"}
+    ) as r:
+        assert r.status == 200, await r.text()
+        assert r.headers["x-igw-sim-body-sha256"] == hashlib.sha256(body).hexdigest()
