@@ -24,8 +24,8 @@ test: $(STAMP) check  ## lint, types, layer contracts and the whole test suite
 check: lint typecheck layers  ## static checks only
 
 lint: $(STAMP)
-	$(BIN)/ruff check src tests
-	$(BIN)/ruff format --check src tests
+	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/ruff format --check src tests benchmarks
 
 typecheck: $(STAMP)
 	$(BIN)/mypy

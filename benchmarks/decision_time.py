@@ -1,0 +1,73 @@
+"""The EPP's own time per request, in process and without gRPC: session state machine, parsing,
+scheduling with the default profile, building the replies (buffered mode, response headers).
+
+    .venv/bin/python benchmarks/decision_time.py
+
+What is left of the ~1 ms of EPP CPU per request that `igw bench overhead` measures is gRPC and
+the event loop. Fleet sizes and prompt sizes are a grid; each cell runs a fixed number of
+requests and prints p50/p99 of the per-request time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import orjson
+from envoy.config.core.v3 import base_pb2
+from envoy.extensions.filters.http.ext_proc.v3 import processing_mode_pb2 as pm
+from envoy.service.ext_proc.v3 import external_processor_pb2 as ep
+
+from igw.api.types import EndpointMetrics
+from igw.app.epp import Epp
+from igw.config.pool import pool_from_addresses
+from igw.config.settings import EppSettings
+from igw.extproc.session import ExtProcSession
+
+REQUESTS = 2000
+
+
+def _messages(body: bytes) -> list[bytes]:
+    def header_map(pairs: list[tuple[str, str]]) -> base_pb2.HeaderMap:
+        return base_pb2.HeaderMap(headers=[base_pb2.HeaderValue(key=k, raw_value=v.encode()) for k, v in pairs])
+
+    headers = ep.ProcessingRequest(
+        request_headers=ep.HttpHeaders(headers=header_map([(":path", "/v1/chat/completions"), (":method", "POST"),
+                                                           ("content-type", "application/json"), ("x-request-id", "r")])),
+        protocol_config=ep.ProtocolConfiguration(request_body_mode=pm.ProcessingMode.BUFFERED),
+    )  # fmt: skip
+    body_msg = ep.ProcessingRequest(request_body=ep.HttpBody(body=body, end_of_stream=True))
+    response = ep.ProcessingRequest(response_headers=ep.HttpHeaders(headers=header_map([(":status", "200")])))
+    return [m.SerializeToString() for m in (headers, body_msg, response)]
+
+
+async def cell(endpoints: int, prompt_bytes: int) -> tuple[float, float]:
+    epp = Epp(EppSettings(), pool_from_addresses([f"10.0.{i // 250}.{i % 250 + 1}:8000" for i in range(endpoints)]))
+    now = time.monotonic()
+    for i, state in enumerate(epp.store.endpoints()):
+        epp.store.update_metrics(state.address, EndpointMetrics(waiting=i % 7, running=4, kv_usage=(i % 10) / 10,
+                                                                scraped_at=now))  # fmt: skip
+    body = orjson.dumps({"model": "m", "messages": [{"role": "user", "content": "x" * prompt_bytes}]})
+    raw = _messages(body)
+    times: list[float] = []
+    for _ in range(REQUESTS):
+        t0 = time.perf_counter()
+        session = ExtProcSession(epp.director, epp.settings.server)
+        for data in raw:
+            await session.handle(ep.ProcessingRequest.FromString(data))
+        session.finish()
+        times.append(time.perf_counter() - t0)
+    times.sort()
+    return times[len(times) // 2] * 1e6, times[int(len(times) * 0.99)] * 1e6
+
+
+async def main() -> None:
+    print("| endpoints | prompt | p50 µs | p99 µs |\n|---|---|---|---|")
+    for endpoints in (8, 64, 1000):
+        for label, size in (("1 KB", 1000), ("16 KiB", 16 * 1024), ("200 KiB", 200 * 1024)):
+            p50, p99 = await cell(endpoints, size)
+            print(f"| {endpoints} | {label} | {p50:.0f} | {p99:.0f} |", flush=True)
+
+
+if __name__ == "__main__":
+    asyncio.run(main())
