@@ -50,9 +50,9 @@ class RequestTracker:
             self._store.request_started(served)
             ctx.picked = served
         ctx.served = served
-        self._metrics.ttfb.labels(self._metrics.model_label(ctx.model)).observe(self._clock() - ctx.started_at)
+        model = self._metrics.model_label(ctx.model)
+        self._metrics.ttfb.labels(model).observe(self._clock() - ctx.started_at)
         if status is not None and status >= 500:
-            model = self._metrics.model_label(ctx.model)
             self._metrics.errors.labels(model, model, "ModelServerError").inc()
 
     def finished(self, ctx: RequestContext) -> None:

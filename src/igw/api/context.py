@@ -6,7 +6,7 @@ in; accounting closes it exactly once when the stream ends.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from igw.api.errors import ErrorCode
 from igw.api.types import InferenceRequest
@@ -32,7 +32,6 @@ class RequestContext:
     """HTTP status of the model server's response, when seen."""
     error: ErrorCode | None = None
     finished: bool = False
-    annotations: dict[str, str] = field(default_factory=dict)
 
     @property
     def model(self) -> str:

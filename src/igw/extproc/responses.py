@@ -135,6 +135,5 @@ def continue_response_headers(remove: Iterable[str] = ()) -> ep.ProcessingRespon
 
 
 CONTINUE_RESPONSE_BODY = ep.ProcessingResponse(response_body=ep.BodyResponse())
-CONTINUE_REQUEST_BODY = ep.ProcessingResponse(request_body=ep.BodyResponse())
 REQUEST_TRAILERS = ep.ProcessingResponse(request_trailers=ep.TrailersResponse())
 RESPONSE_TRAILERS = ep.ProcessingResponse(response_trailers=ep.TrailersResponse())

@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any, TypeVar
 
 from igw.framework.scheduling import Plugin
 
 P = TypeVar("P", bound=type[Plugin])
 
-Factory = Callable[..., Plugin]
 _REGISTRY: dict[str, type[Plugin]] = {}
 
 
