@@ -31,7 +31,8 @@ def _add_run_parser(sub: Any) -> None:
     src = p.add_argument_group("pool (one of)")
     src.add_argument("--pool", metavar="FILE", help="pool YAML file (name, engine, models, endpoints)")
     src.add_argument("--endpoint", metavar="HOST:PORT", action="append", default=[], help="a model server (repeat)")
-    src.add_argument("--engine", choices=[e.value for e in Engine], default="vllm", help="with --endpoint")
+    src.add_argument("--engine", choices=[e.value for e in Engine], default=None,
+                     help="with --endpoint (default vllm)")  # fmt: skip
     src.add_argument("--model", action="append", default=None, help="served model name, with --endpoint (repeat)")
     gw = p.add_argument_group("gateway (Envoy)")
     gw.add_argument("--listen", default="127.0.0.1:8081", metavar="HOST:PORT", help="where clients connect")
@@ -96,7 +97,7 @@ def _run_command(args: argparse.Namespace) -> Coroutine[Any, Any, None]:
     pool = (
         load_pool(args.pool)
         if args.pool
-        else pool_from_addresses(args.endpoint, engine=Engine(args.engine), models=args.model)
+        else pool_from_addresses(args.endpoint, engine=Engine(args.engine) if args.engine else None, models=args.model)
     )
     upstream = UpstreamMode(args.upstream)
     fallbacks = args.fallbacks if args.fallbacks is not None else (2 if upstream is UpstreamMode.OVERRIDE_HOST else 0)

@@ -14,7 +14,7 @@ from igw.config.pool import ConfigError, PoolSpec, load_pool, parse_pool, pool_f
 def test_defaults_for_an_empty_pool() -> None:
     spec = parse_pool({})
     assert spec == PoolSpec()
-    assert (spec.name, spec.engine, spec.models, spec.endpoints) == ("default", Engine.VLLM, None, [])
+    assert (spec.name, spec.engine, spec.models, spec.endpoints) == ("default", None, None, [])
     assert spec.build() == []
 
 
@@ -23,7 +23,7 @@ def test_defaults_for_an_empty_pool() -> None:
     [
         (
             {"endpoints": ["10.0.0.1:8000"]},
-            [Endpoint("10.0.0.1:8000", "10.0.0.1", 8000, Engine.VLLM, None, ())],
+            [Endpoint("10.0.0.1:8000", "10.0.0.1", 8000, None, None, ())],
         ),
         (
             {"engine": "sglang", "models": ["m"], "endpoints": ["10.0.0.1:8000", "10.0.0.2:9000"]},
@@ -46,7 +46,7 @@ def test_defaults_for_an_empty_pool() -> None:
                 ],
             },
             [
-                Endpoint("10.0.0.1:8000", "10.0.0.1", 8000, Engine.VLLM, frozenset({"pool-model"}), ()),
+                Endpoint("10.0.0.1:8000", "10.0.0.1", 8000, None, frozenset({"pool-model"}), ()),
                 Endpoint(
                     "10.0.0.2:8000",
                     "10.0.0.2",
@@ -59,20 +59,20 @@ def test_defaults_for_an_empty_pool() -> None:
         ),
         (
             {"models": ["pool-model"], "endpoints": [{"address": "10.0.0.1:8000", "models": []}]},
-            [Endpoint("10.0.0.1:8000", "10.0.0.1", 8000, Engine.VLLM, frozenset(), ())],
+            [Endpoint("10.0.0.1:8000", "10.0.0.1", 8000, None, frozenset(), ())],
         ),
         (
             {"endpoints": ["[::1]:8000", {"address": "[fd00::2]:8001"}]},
             [
-                Endpoint("[::1]:8000", "::1", 8000, Engine.VLLM, None, ()),
-                Endpoint("[fd00::2]:8001", "fd00::2", 8001, Engine.VLLM, None, ()),
+                Endpoint("[::1]:8000", "::1", 8000, None, None, ()),
+                Endpoint("[fd00::2]:8001", "fd00::2", 8001, None, None, ()),
             ],
         ),
         (
             {"endpoints": [" localhost:8000 ", "10.0.0.1:08001"]},
             [
-                Endpoint("localhost:8000", "localhost", 8000, Engine.VLLM, None, ()),
-                Endpoint("10.0.0.1:8001", "10.0.0.1", 8001, Engine.VLLM, None, ()),
+                Endpoint("localhost:8000", "localhost", 8000, None, None, ()),
+                Endpoint("10.0.0.1:8001", "10.0.0.1", 8001, None, None, ()),
             ],
         ),
     ],
@@ -222,7 +222,7 @@ def test_pool_from_addresses(addresses: list[str], kwargs: dict[str, Any], expec
     built = spec.build()
     assert [e.address for e in built] == expected_addresses
     assert spec.name == "flags"
-    assert all(e.engine == kwargs.get("engine", Engine.VLLM) for e in built)
+    assert all(e.engine == kwargs.get("engine") for e in built)
     models = kwargs.get("models")
     assert all(e.models == (frozenset(models) if models else None) for e in built)
 

@@ -414,31 +414,32 @@ def test_registry_knows_the_builtins() -> None:
         ("queue-scorer", None, {}, QueueScorer),
         ("kv-cache-utilization-scorer", "kv", {}, KvCacheUtilizationScorer),
         ("inflight-scorer", None, {}, InflightScorer),
-        ("availability-filter", "avail", {"staleness_threshold": 0.5}, AvailabilityFilter),
-        ("max-score-picker", None, {"max_endpoints": 3}, MaxScorePicker),
+        ("availability-filter", "avail", {"stalenessThreshold": 0.5}, AvailabilityFilter),
+        ("max-score-picker", None, {"maxNumOfEndpoints": 3}, MaxScorePicker),
     ],
     ids=["queue", "kv-named", "inflight", "availability-params", "picker-params"],
 )
 def test_registry_create(type_name: str, name: str | None, params: dict[str, float], cls: type[Plugin]) -> None:
-    plugin = registry.create(type_name, name, **params)
+    plugin = registry.create(type_name, name, params)
     assert isinstance(plugin, cls)
     assert plugin.name == (name or type_name)
-    for key, value in params.items():
-        assert getattr(plugin, key) == value
+    assert all(plugin.describe()[key] == value for key, value in params.items())
 
 
 def test_registry_unknown_type_lists_known_types() -> None:
-    with pytest.raises(KeyError) as info:
-        registry.create("prefix-cache-scorer")
+    with pytest.raises(registry.PluginError) as info:
+        registry.create("no-such-scorer")
     message = str(info.value)
-    assert "unknown plugin type 'prefix-cache-scorer'" in message
+    assert "unknown plugin type 'no-such-scorer'" in message
     for name in BUILTIN:
         assert name in message
 
 
-def test_registry_bad_params_raise_type_error() -> None:
-    with pytest.raises(TypeError):
-        registry.create("queue-scorer", None, weight=2)
+def test_registry_bad_params_name_the_plugin_and_the_field() -> None:
+    with pytest.raises(registry.PluginError, match=r"plugin 'q' \(type queue-scorer\).*weight"):
+        registry.create("queue-scorer", "q", {"weight": 2})
+    with pytest.raises(registry.PluginError, match="maxNumOfEndpoints"):
+        registry.create("max-score-picker", None, {"maxNumOfEndpoints": 0})
 
 
 @pytest.mark.parametrize("bad_name", ["", "Queue-Scorer", "queue scorer"], ids=["empty", "upper", "space"])

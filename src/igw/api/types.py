@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from enum import StrEnum
+from typing import Any
 
 
 class Engine(StrEnum):
@@ -26,7 +27,9 @@ class Endpoint:
     address: str
     host: str
     port: int
-    engine: Engine = Engine.VLLM
+    engine: str | None = None
+    """The engine kind the pool declares (an :class:`Engine` value), or ``None``: the data
+    layer then uses the engine label, else its default engine."""
     models: frozenset[str] | None = None
     """Served model names, or ``None`` when the pool does not declare them (any model goes)."""
     labels: tuple[tuple[str, str], ...] = ()
@@ -64,9 +67,16 @@ class EndpointMetrics:
     kv_usage: float = 0.0
     """KV-cache utilisation in [0, 1]."""
     block_size: int | None = None
+    """KV-cache block size in tokens (``cache_config_info``), when the server reports it."""
     num_gpu_blocks: int | None = None
     scraped_at: float = 0.0
     """0.0 means never scraped."""
+    max_lora: int | None = None
+    """LoRA adapters the server can hold at once (``lora_requests_info``), when reported."""
+    running_adapters: frozenset[str] = frozenset()
+    """LoRA adapters of running requests."""
+    waiting_adapters: frozenset[str] = frozenset()
+    """LoRA adapters of waiting requests."""
 
 
 NEVER_SCRAPED = EndpointMetrics()
@@ -108,6 +118,7 @@ class InferenceRequest:
 
     request_id: str
     model: str | None
+    """The model the client asked for."""
     path: str
     body_size: int
     stream: bool = False
@@ -115,3 +126,16 @@ class InferenceRequest:
     """Prompt text (completions) or a rendering of the messages (chat); None when not known."""
     headers: dict[str, str] = field(default_factory=dict)
     priority: int = 0
+    """From the request's InferenceObjective; below zero means sheddable."""
+    objective: str | None = None
+    """The InferenceObjective named by the request, if any."""
+    target_model: str | None = None
+    """The model to send to the server (after rewrites); ``None``: the same as ``model``."""
+    body: dict[str, Any] | None = None
+    """The decoded JSON body (read-only for plugins), when the parser decoded one."""
+    data: dict[str, Any] = field(default_factory=dict)
+    """Per-request data written by DataProducers, keyed by data name (``PrefixCacheMatchInfo``...)."""
+
+    @property
+    def effective_model(self) -> str | None:
+        return self.target_model or self.model

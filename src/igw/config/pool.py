@@ -3,7 +3,8 @@
 ::
 
     name: my-pool                 # optional, default "default"
-    engine: vllm                  # default engine: vllm | sglang | trtllm-serve | triton-tensorrt-llm
+    engine: vllm                  # vllm | sglang | trtllm-serve | triton-tensorrt-llm (default: the
+                                  # endpoint's engine label, else the data layer's default engine)
     models: [llama-3-8b]          # optional: served model names (unknown models then get 404)
     endpoints:
       - 10.0.0.1:8000             # host:port, or a mapping with per-endpoint overrides:
@@ -42,7 +43,7 @@ class EndpointSpec(BaseModel):
 class PoolSpec(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
     name: str = "default"
-    engine: Engine = Engine.VLLM
+    engine: Engine | None = None
     models: list[str] | None = None
     endpoints: list[EndpointSpec] = Field(default_factory=list)
 
@@ -101,10 +102,11 @@ def pool_from_addresses(
     addresses: list[str],
     *,
     name: str = "default",
-    engine: Engine = Engine.VLLM,
+    engine: Engine | None = None,
     models: list[str] | None = None,
 ) -> PoolSpec:
     """The pool given by ``--endpoint`` flags."""
     return parse_pool(
-        {"name": name, "engine": engine.value, "models": models, "endpoints": addresses}, source="--endpoint"
+        {"name": name, "engine": engine.value if engine else None, "models": models, "endpoints": addresses},
+        source="--endpoint",
     )

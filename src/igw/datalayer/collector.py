@@ -13,7 +13,7 @@ import time
 from collections.abc import Callable
 
 from igw import aio
-from igw.api.types import Endpoint
+from igw.api.types import Endpoint, Engine
 from igw.config.settings import DataLayerSettings
 from igw.datalayer.engines import ENGINE_METRICS
 from igw.datalayer.httpget import HttpGetter, ScrapeError
@@ -65,8 +65,9 @@ class MetricsCollector:
                 self._tasks[address] = aio.spawn(self._scrape_loop(endpoint), name=f"scrape {address}")
 
     async def _scrape_loop(self, endpoint: Endpoint) -> None:
-        spec = ENGINE_METRICS[endpoint.engine]
-        reader = self._readers[endpoint.engine]
+        engine = Engine(endpoint.engine or Engine.VLLM)
+        spec = ENGINE_METRICS[engine]
+        reader = self._readers[engine]
         path = self._settings.metrics_path or spec.metrics_path
         getter = HttpGetter(endpoint.host, endpoint.port, path, timeout=self._settings.scrape_timeout)
         interval = self._settings.scrape_interval

@@ -1,27 +1,21 @@
-"""Contracts of the scheduling plugins: filters, scorers and pickers, and how they compose.
+"""Contracts of the scheduling plugins: filters, scorers, pickers, profile handlers.
 
 A scheduling pass runs one *profile*: its filters in order (stopping when nothing is left),
-then every scorer, then the picker on the weighted sum of scores. All plugin calls happen on
-the event loop thread and must not block or await.
+then every scorer, then the picker on the weighted sum of scores. A *profile handler* decides
+which profiles run (one, in the default single-profile setup) and which result is primary.
+All plugin calls happen on the event loop thread and must not block or await.
 """
 
 from __future__ import annotations
 
 from abc import abstractmethod
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
+from typing import ClassVar
 
 from igw.api.types import EndpointState, InferenceRequest
-
-
-class Plugin:
-    """A named instance of a plugin type. ``type_name`` is the kebab-case registry key."""
-
-    type_name: str = ""
-
-    def __init__(self, name: str | None = None) -> None:
-        self.name = name or self.type_name
+from igw.framework.plugin import Plugin
 
 
 class Filter(Plugin):
@@ -41,7 +35,7 @@ class ScorerCategory(StrEnum):
 
 
 class Scorer(Plugin):
-    category: ScorerCategory = ScorerCategory.DISTRIBUTION
+    category: ClassVar[ScorerCategory] = ScorerCategory.DISTRIBUTION
 
     @abstractmethod
     def score(self, request: InferenceRequest, candidates: Sequence[EndpointState]) -> Sequence[float]:
@@ -60,6 +54,26 @@ class Picker(Plugin):
 
         ``scores[i]`` is the weighted total of ``candidates[i]``; ``candidates`` is never empty.
         """
+
+
+class ProfileHandler(Plugin):
+    """Chooses the profiles to run for a request and the result that routes it."""
+
+    @abstractmethod
+    def pick_profiles(
+        self,
+        request: InferenceRequest,
+        profiles: Mapping[str, SchedulerProfile],
+        results: Mapping[str, SchedulingResult | None],
+    ) -> list[SchedulerProfile]:
+        """Profiles to run next, given the results so far (``None``: the profile found no
+        endpoint). An empty list ends the loop."""
+
+    @abstractmethod
+    def process_results(
+        self, request: InferenceRequest, results: Mapping[str, SchedulingResult | None]
+    ) -> SchedulingResult:
+        """The primary result. Raise :class:`~igw.api.errors.NoEndpoint` if there is none."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -87,10 +101,15 @@ class SchedulingResult:
     profile: str
     endpoints: list[EndpointState]
     candidates: Sequence[EndpointState] = ()
+    """What the scorers saw (after the filters)."""
     totals: Sequence[float] = ()
     """Weighted total per candidate."""
     raw_scores: dict[str, Sequence[float]] = field(default_factory=dict)
     """Clamped score per candidate, per scorer name."""
+    weights: dict[str, float] = field(default_factory=dict)
+    """Weight per scorer name."""
+    filtered: list[tuple[str, int]] = field(default_factory=list)
+    """``(filter name, candidates left after it)`` in order; the first entry is ``("", initial count)``."""
 
     def scores(self) -> dict[str, float]:
         """Final weighted score per candidate address."""

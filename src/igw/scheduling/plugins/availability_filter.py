@@ -1,7 +1,8 @@
 """``availability-filter``: avoid endpoints whose metrics are stale or whose scrapes fail.
 
 An endpoint is available when its last successful scrape is younger than
-``staleness_threshold`` and fewer than ``max_consecutive_failures`` scrapes failed in a row.
+``stalenessThreshold`` seconds and fewer than ``maxConsecutiveFailures`` scrapes failed in a
+row (defaults 2 s and 3).
 If no candidate is available the filter returns them all: with no signal, any endpoint is
 better than refusing the request (the proxy's retries and the model server's own errors
 then speak).
@@ -10,11 +11,21 @@ then speak).
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+from pydantic import Field
 
 from igw.api.types import EndpointState, InferenceRequest
+from igw.framework.plugin import Handle, PluginParams
 from igw.framework.registry import register
 from igw.framework.scheduling import Filter
+
+
+class AvailabilityParams(PluginParams):
+    staleness_threshold: float = Field(default=2.0, gt=0)
+    max_consecutive_failures: int = Field(default=3, ge=1)
+
 
 _INF = float("inf")
 
@@ -22,6 +33,7 @@ _INF = float("inf")
 @register
 class AvailabilityFilter(Filter):
     type_name = "availability-filter"
+    Params = AvailabilityParams
 
     def __init__(
         self,
@@ -35,6 +47,18 @@ class AvailabilityFilter(Filter):
         self.staleness_threshold = staleness_threshold
         self.max_consecutive_failures = max_consecutive_failures
         self.clock = clock
+
+    @classmethod
+    def from_params(cls, name: str, params: AvailabilityParams, handle: Handle) -> AvailabilityFilter:
+        return cls(
+            name,
+            staleness_threshold=params.staleness_threshold,
+            max_consecutive_failures=params.max_consecutive_failures,
+            clock=handle.clock,
+        )
+
+    def describe(self) -> Mapping[str, Any]:
+        return {"stalenessThreshold": self.staleness_threshold, "maxConsecutiveFailures": self.max_consecutive_failures}
 
     def available(self, state: EndpointState, now: float) -> bool:
         return state.age(now) <= self.staleness_threshold and state.failures < self.max_consecutive_failures

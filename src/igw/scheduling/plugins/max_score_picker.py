@@ -1,22 +1,32 @@
 """``max-score-picker``: the highest total score wins; ties are broken at random.
 
-Returns up to ``max_endpoints`` endpoints in descending score order: the first is the pick,
-the others are fallbacks for the proxy.
+Returns up to ``maxNumOfEndpoints`` endpoints in descending score order: the first is the
+pick, the others are fallbacks for the proxy. Parameters: ``maxNumOfEndpoints`` (default 1).
 """
 
 from __future__ import annotations
 
 import random
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from pydantic import Field
 
 from igw.api.types import EndpointState, InferenceRequest
+from igw.framework.plugin import Handle, PluginParams
 from igw.framework.registry import register
 from igw.framework.scheduling import Picker
+
+
+class PickerParams(PluginParams):
+    max_num_of_endpoints: int = Field(default=1, ge=1)
+    """How many endpoints to return: the pick, then fallbacks."""
 
 
 @register
 class MaxScorePicker(Picker):
     type_name = "max-score-picker"
+    Params = PickerParams
 
     def __init__(self, name: str | None = None, *, max_endpoints: int = 1, rng: random.Random | None = None):
         super().__init__(name)
@@ -24,6 +34,13 @@ class MaxScorePicker(Picker):
             raise ValueError("max-score-picker: max_endpoints must be at least 1")
         self.max_endpoints = max_endpoints
         self._rng = rng or random.Random()
+
+    @classmethod
+    def from_params(cls, name: str, params: PickerParams, handle: Handle) -> MaxScorePicker:
+        return cls(name, max_endpoints=params.max_num_of_endpoints)
+
+    def describe(self) -> Mapping[str, Any]:
+        return {"maxNumOfEndpoints": self.max_endpoints}
 
     def pick(
         self, request: InferenceRequest, candidates: Sequence[EndpointState], scores: Sequence[float]

@@ -1,0 +1,94 @@
+"""What every plugin is: a named instance of a kebab-case type, built from validated parameters.
+
+A plugin type is a class with a ``type_name`` and a ``Params`` model. The configuration file
+names an instance (``name``, default: the type) and gives free-form ``parameters``; the
+registry validates them against ``Params`` (unknown keys are errors, keys are camelCase as in
+the reference files) and calls :meth:`Plugin.from_params` with a :class:`Handle` to the
+running EPP. A plugin's *roles* (Filter, Scorer, DataProducer, PreRequest, ...) are the base
+classes it derives from; one instance may play several (a saturation detector is also a
+filter).
+
+Failure policy, per kind of hook (a plugin that raises never takes the EPP down; every
+failure is logged and counted in ``igw_plugin_errors_total``):
+
+* **Filter** - fails open: the candidates pass through unchanged.
+* **Scorer** - scores 0 for every candidate in that pass.
+* **Picker** - the highest total score is taken instead (ties: first).
+* **ProfileHandler** - the request fails with 500 (nothing sensible to fall back to).
+* **DataProducer** - its data is missing for that request; consumers must treat missing data
+  as "no signal" (a prefix scorer scores 0).
+* **Admitter** - fails open: the request is admitted.
+* **PreRequest / response hooks** - the request proceeds unchanged.
+* **Parser** - a :class:`~igw.api.errors.BadRequest` is the client's fault (400); anything
+  else fails the request with 500.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, ClassVar, Protocol, Self
+
+from pydantic import BaseModel, ConfigDict
+from pydantic.alias_generators import to_camel
+
+from igw.api.types import EndpointState
+
+
+class PluginParams(BaseModel):
+    """Base of every plugin's parameters: camelCase keys, unknown keys rejected, immutable."""
+
+    model_config = ConfigDict(extra="forbid", alias_generator=to_camel, populate_by_name=True, frozen=True)
+
+
+class NoParams(PluginParams):
+    """For plugin types that take no parameters."""
+
+
+class Handle(Protocol):
+    """What a plugin may ask of the running EPP when it is built."""
+
+    @property
+    def clock(self) -> Callable[[], float]:
+        """``time.monotonic``, or a test clock."""
+        ...
+
+    def endpoints(self) -> Sequence[EndpointState]:
+        """The pool's endpoints right now."""
+        ...
+
+    def on_endpoints_change(self, listener: Callable[[], None]) -> None:
+        """Call ``listener`` after every pool change (to drop state about removed endpoints)."""
+        ...
+
+    def plugin(self, name: str) -> Plugin | None:
+        """Another configured plugin instance, by name (built before this one if referenced)."""
+        ...
+
+
+class Plugin:
+    """A named instance of a plugin type. ``type_name`` is the kebab-case registry key."""
+
+    type_name: ClassVar[str] = ""
+    Params: ClassVar[type[PluginParams]] = NoParams
+    consumes: ClassVar[Mapping[str, str]] = {}
+    """Request data this plugin reads (``request.data`` key -> type of its default producer).
+
+    The loader adds the default producer when no configured DataProducer makes that key."""
+
+    def __init__(self, name: str | None = None) -> None:
+        self.name = name or self.type_name
+
+    @classmethod
+    def from_params(cls, name: str, params: Any, handle: Handle) -> Self:
+        """Build an instance from validated ``params`` (an instance of ``cls.Params``).
+
+        The default suits types without parameters; types with parameters override it.
+        """
+        return cls(name)
+
+    def describe(self) -> Mapping[str, Any]:
+        """The effective parameters (for the start-up log and ``igw config validate``)."""
+        return {}
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.name!r})"
