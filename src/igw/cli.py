@@ -1,7 +1,8 @@
 """The ``igw`` command. The only module that calls ``sys.exit``.
 
 Subcommands: ``run`` (EPP + Envoy in front of your servers), ``demo`` (the same in front of a
-simulated fleet, with traffic), ``sim`` (the vLLM simulator), ``bench`` (benchmarks).
+simulated fleet, with traffic), ``config validate`` (check an EndpointPickerConfig), ``sim``
+(the vLLM simulator), ``bench`` (benchmarks).
 """
 
 from __future__ import annotations
@@ -48,6 +49,14 @@ def _add_run_parser(sub: Any) -> None:
                          "time-to-first-byte or served-endpoint correction)")  # fmt: skip
     gw.add_argument("--envoy-concurrency", type=int, default=1, help="Envoy worker threads")
     gw.add_argument("--no-envoy", action="store_true", help="run only the EPP (your gateway connects to it)")
+    cfg = p.add_argument_group("scheduling (EndpointPickerConfig; default: queue 2, kv-cache 2, prefix 3)")
+    one = cfg.add_mutually_exclusive_group()
+    one.add_argument("--config-file", metavar="FILE", help="EndpointPickerConfig YAML file")
+    one.add_argument("--config-text", metavar="YAML", help="EndpointPickerConfig as inline YAML")
+    cfg.add_argument("--decision-header", action="store_true",
+                     help="answer a request's x-igw-explain header with the decision in x-igw-decision")  # fmt: skip
+    cfg.add_argument("--recent-decisions", type=int, default=64,
+                     help="decisions kept for /debug/decisions on the metrics port (0: none)")  # fmt: skip
     epp = p.add_argument_group("endpoint picker")
     epp.add_argument("--host", default="127.0.0.1", help="EPP bind address (0.0.0.0 in a cluster)")
     epp.add_argument("--grpc-port", type=int, default=9002)
@@ -73,6 +82,14 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--servers", type=int, default=4)
     demo.add_argument("--keep-running", action="store_true", help="keep the gateway up after the workload")
     demo.add_argument("--port", type=int, default=8081, help="gateway port")
+    config = sub.add_parser("config", help="check configuration files")
+    config_sub = config.add_subparsers(dest="config_command", required=True)
+    validate = config_sub.add_parser(
+        "validate", help="load an EndpointPickerConfig and print the effective configuration"
+    )
+    validate.add_argument("file", help="EndpointPickerConfig YAML file ('-' for stdin)")
+    validate.add_argument("--pool", metavar="FILE", help="also check a pool file")
+    validate.add_argument("--quiet", action="store_true", help="print nothing when the file is valid")
     sub.add_parser("sim", help="run simulated vLLM servers (see igw sim --help)", add_help=False)
     sub.add_parser("bench", help="benchmarks (see igw bench --help)", add_help=False)
     return parser
@@ -88,6 +105,7 @@ def _run_command(args: argparse.Namespace) -> Coroutine[Any, Any, None]:
         BodyMode,
         DataLayerSettings,
         EppSettings,
+        ObservabilitySettings,
         SchedulingSettings,
         ServerSettings,
     )
@@ -118,11 +136,15 @@ def _run_command(args: argparse.Namespace) -> Coroutine[Any, Any, None]:
         ),
         scheduling=SchedulingSettings(fallbacks=fallbacks),
         admission=AdmissionSettings(max_inflight_requests=args.max_inflight),
+        observability=ObservabilitySettings(
+            decision_header=args.decision_header, recent_decisions=max(0, args.recent_decisions)
+        ),
     )
+    config_text, config_source = _config_text(args)
     if args.no_envoy:
 
         async def epp_only() -> None:
-            async with Epp(epp_settings, pool) as epp:
+            async with Epp(epp_settings, pool, config_text=config_text, config_source=config_source) as epp:
                 print(f"igw: EPP ext_proc on {args.host}:{epp.grpc_port} (Ctrl-C to stop)", flush=True)
                 await wait_for_signal()
 
@@ -145,7 +167,53 @@ def _run_command(args: argparse.Namespace) -> Coroutine[Any, Any, None]:
         )
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
-    return run_gateway(GatewaySettings(epp=epp_settings, envoy=envoy, envoy_log_level="warning"), pool)
+    return run_gateway(
+        GatewaySettings(epp=epp_settings, envoy=envoy, envoy_log_level="warning"),
+        pool,
+        config_text=config_text,
+        config_source=config_source,
+    )
+
+
+def _config_text(args: argparse.Namespace) -> tuple[str | None, str]:
+    from igw.config.pool import ConfigError
+
+    if args.config_text is not None:
+        return args.config_text, "--config-text"
+    if args.config_file is None:
+        return None, "the default configuration"
+    try:
+        with open(args.config_file) as f:
+            return f.read(), args.config_file
+    except OSError as exc:
+        raise ConfigError(f"cannot read configuration file {args.config_file}: {exc.strerror}") from None
+
+
+def _validate_command(args: argparse.Namespace) -> int:
+    """``igw config validate``: both loading phases against an empty (or the given) pool."""
+    from pathlib import Path
+
+    import yaml
+
+    from igw.app.epp import load_config
+    from igw.config.pool import ConfigError, load_pool
+    from igw.datalayer.store import EndpointStore
+
+    source = "stdin" if args.file == "-" else args.file
+    try:
+        text = sys.stdin.read() if args.file == "-" else Path(args.file).read_text()
+    except OSError as exc:
+        raise ConfigError(f"cannot read configuration file {args.file}: {exc.strerror}") from None
+    store = EndpointStore()
+    if args.pool:
+        pool = load_pool(args.pool)
+        store = EndpointStore(pool_name=pool.name)
+        store.set_endpoints(pool.build())
+    config = load_config(text, store, source=source)
+    if not args.quiet:
+        print(f"# {source}: valid; effective configuration:")
+        print(yaml.safe_dump(config.describe(), sort_keys=False), end="")
+    return 0
 
 
 def _run_async(coro: Coroutine[Any, Any, None]) -> None:
@@ -180,6 +248,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "run":
             _run_async(_run_command(args))
+        elif args.command == "config":
+            return _validate_command(args)
         elif args.command == "demo":
             from igw_bench.demo import DemoOptions, run_demo
 

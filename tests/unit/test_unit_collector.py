@@ -4,20 +4,28 @@ from __future__ import annotations
 
 import asyncio
 import random
+import shutil
+import ssl
+import subprocess
 import time
 from collections.abc import AsyncIterator, Callable
+from pathlib import Path
 
 import pytest
 from aiohttp import web
 
 from igw.api.types import Endpoint, EndpointState, Engine, InferenceRequest
-from igw.app.epp import default_profile
 from igw.config.settings import DataLayerSettings, EppSettings
 from igw.datalayer.collector import MetricsCollector
+from igw.datalayer.engines import EngineConfig
+from igw.datalayer.extractors import CoreMetricsExtractor
+from igw.datalayer.sources import MetricsDataSource
 from igw.datalayer.store import EndpointStore
-from igw.framework.scheduling import SchedulerProfile
+from igw.framework.scheduling import SchedulerProfile, WeightedScorer
+from igw.requestcontrol.director import Availability, available
 from igw.scheduling.plugins.availability_filter import AvailabilityFilter
 from igw.scheduling.plugins.max_score_picker import MaxScorePicker
+from igw.scheduling.plugins.queue_scorer import QueueScorer
 from igw.scheduling.scheduler import Scheduler
 
 INTERVAL = 0.02
@@ -55,9 +63,10 @@ TRITON_TEXT = (
 class MetricsServer:
     """An aiohttp server on 127.0.0.1 (port 0) serving ``text`` at ``path``; counts hits."""
 
-    def __init__(self, text: str, path: str = "/metrics") -> None:
+    def __init__(self, text: str, path: str = "/metrics", tls: ssl.SSLContext | None = None) -> None:
         self.text = text
         self.path = path
+        self.tls = tls
         self.status = 200
         self.hits = 0
         self.port = 0
@@ -67,8 +76,8 @@ class MetricsServer:
     def address(self) -> str:
         return f"127.0.0.1:{self.port}"
 
-    def endpoint(self, engine: Engine = Engine.VLLM) -> Endpoint:
-        return Endpoint(self.address, "127.0.0.1", self.port, engine=engine)
+    def endpoint(self, engine: str | None = Engine.VLLM, **labels: str) -> Endpoint:
+        return Endpoint(self.address, "127.0.0.1", self.port, engine=engine, labels=tuple(labels.items()))
 
     async def _handle(self, request: web.Request) -> web.Response:
         self.hits += 1
@@ -79,7 +88,7 @@ class MetricsServer:
         app.router.add_get(self.path, self._handle)
         self._runner = web.AppRunner(app, shutdown_timeout=0.1)
         await self._runner.setup()
-        site = web.TCPSite(self._runner, "127.0.0.1", 0)
+        site = web.TCPSite(self._runner, "127.0.0.1", 0, ssl_context=self.tls)
         await site.start()
         self.port = self._runner.addresses[0][1]
         return self
@@ -94,8 +103,8 @@ class MetricsServer:
 async def servers() -> AsyncIterator[Callable[..., asyncio.Future[MetricsServer]]]:
     started: list[MetricsServer] = []
 
-    async def make(text: str, path: str = "/metrics") -> MetricsServer:
-        srv = await MetricsServer(text, path).start()
+    async def make(text: str, path: str = "/metrics", tls: ssl.SSLContext | None = None) -> MetricsServer:
+        srv = await MetricsServer(text, path, tls).start()
         started.append(srv)
         return srv
 
@@ -127,10 +136,17 @@ async def collectors() -> AsyncIterator[list[MetricsCollector]]:
 
 
 async def start_collector(
-    store: EndpointStore, running: list[MetricsCollector], clock: Callable[[], float] = time.monotonic, **kw: object
+    store: EndpointStore,
+    running: list[MetricsCollector],
+    clock: Callable[[], float] = time.monotonic,
+    *,
+    source: MetricsDataSource | None = None,
+    extractor: CoreMetricsExtractor | None = None,
+    enabled: bool = True,
+    **kw: object,
 ) -> MetricsCollector:
     settings = DataLayerSettings(scrape_interval=INTERVAL, scrape_timeout=0.5, **kw)  # type: ignore[arg-type]
-    collector = MetricsCollector(store, settings, clock=clock)
+    collector = MetricsCollector(store, settings, clock=clock, source=source, extractor=extractor, enabled=enabled)
     await collector.start()
     running.append(collector)
     return collector
@@ -202,8 +218,11 @@ async def test_failing_endpoint_is_avoided(servers, collectors, failure: str) ->
     good_state, bad_state = state_of(store, good.address), state_of(store, bad.address)
     await wait_until(lambda: good_state.metrics.scraped_at > 0 and bad_state.metrics.scraped_at > 0)
 
-    scheduler = Scheduler(default_profile(settings))
-    assert scheduler.schedule(REQ, store.endpoints()).endpoints == [bad_state]  # idle wins while healthy
+    rule = Availability(settings.datalayer.staleness_threshold, settings.datalayer.max_consecutive_failures)
+    scheduler = Scheduler(SchedulerProfile("p", (), (WeightedScorer(QueueScorer(), 1.0),), MaxScorePicker()))
+    assert scheduler.schedule(REQ, available(store.endpoints(), rule)).endpoints == [
+        bad_state
+    ]  # idle wins while healthy
 
     if failure == "closed":
         await bad.close()
@@ -222,7 +241,7 @@ async def test_failing_endpoint_is_avoided(servers, collectors, failure: str) ->
     flt = AvailabilityFilter(max_consecutive_failures=limit)
     assert flt.filter(REQ, store.endpoints()) == [good_state]
     for _ in range(20):
-        assert scheduler.schedule(REQ, store.endpoints()).endpoints == [good_state]
+        assert scheduler.schedule(REQ, available(store.endpoints(), rule)).endpoints == [good_state]
 
 
 async def test_recovered_endpoint_is_used_again(servers, collectors) -> None:
@@ -318,3 +337,113 @@ async def test_engine_change_at_same_address_restarts_the_scraper(servers, colle
     assert state_of(store, srv.address).metrics.waiting == 0.0  # vLLM names: nothing matches
     store.set_endpoints([srv.endpoint(Engine.SGLANG)])
     await wait_until(lambda: state_of(store, srv.address).metrics.waiting == 7.0, timeout=20 * INTERVAL)
+
+
+# --------------------------------------------------------------------------------------------
+# The data-layer plugins: engine selection, user engines, path, https, disabled collection
+# --------------------------------------------------------------------------------------------
+
+ENGINE_LABEL = "inference.networking.k8s.io/engine-type"
+
+
+async def test_engine_label_selects_the_names(servers, collectors) -> None:
+    srv = await servers(SGLANG_TEXT)
+    store = EndpointStore()
+    store.set_endpoints([srv.endpoint(None, **{ENGINE_LABEL: "sglang"})])
+    await start_collector(store, collectors)
+    await wait_until(lambda: state_of(store, srv.address).metrics.waiting == 7.0)
+
+
+async def test_default_engine_applies_to_undeclared_and_unknown_engines(servers, collectors) -> None:
+    a = await servers(SGLANG_TEXT)
+    b = await servers(SGLANG_TEXT)
+    store = EndpointStore()
+    store.set_endpoints([a.endpoint(None), b.endpoint("lmdeploy")])
+    await start_collector(store, collectors, extractor=CoreMetricsExtractor(default_engine="sglang"))
+    await wait_until(lambda: all(state_of(store, s.address).metrics.waiting == 7.0 for s in (a, b)))
+
+
+async def test_user_engine_config(servers, collectors) -> None:
+    text = 'tgi_queue_size 5\ntgi_batch_current_size{shard="0"} 2\ntgi_batch_current_size{shard="1"} 3\n'
+    srv = await servers(text)
+    tgi = EngineConfig.from_specs(
+        "tgi", queued_requests_spec="tgi_queue_size", running_requests_spec="tgi_batch_current_size{shard=1}"
+    )
+    store = EndpointStore()
+    store.set_endpoints([srv.endpoint("tgi")])
+    await start_collector(store, collectors, extractor=CoreMetricsExtractor(engine_configs=[tgi]))
+    state = state_of(store, srv.address)
+    await wait_until(lambda: state.metrics.scraped_at > 0)
+    assert (state.metrics.waiting, state.metrics.running) == (5.0, 3.0)
+
+
+async def test_source_path_wins_over_the_engine_path(servers, collectors) -> None:
+    srv = await servers(TRTLLM_TEXT, "/stats")
+    store = EndpointStore()
+    store.set_endpoints([srv.endpoint(Engine.TRTLLM_SERVE)])
+    await start_collector(store, collectors, source=MetricsDataSource(path="/stats"), metrics_path="/ignored")
+    await wait_until(lambda: state_of(store, srv.address).metrics.waiting == 4.0)
+
+
+async def test_lora_info_arrives_in_the_store(servers, collectors) -> None:
+    lora = (
+        'vllm:lora_requests_info{max_lora="2",running_lora_adapters="a",waiting_lora_adapters=""} 100\n'
+        'vllm:lora_requests_info{max_lora="2",running_lora_adapters="a, b",waiting_lora_adapters="c"} 200\n'
+    )
+    srv = await servers(vllm_text(1) + lora)
+    store = EndpointStore()
+    store.set_endpoints([srv.endpoint()])
+    await start_collector(store, collectors)
+    state = state_of(store, srv.address)
+    await wait_until(lambda: state.metrics.scraped_at > 0)
+    m = state.metrics
+    assert (m.max_lora, m.running_adapters, m.waiting_adapters) == (2, frozenset("ab"), frozenset("c"))
+
+
+async def test_disabled_collection_scrapes_nothing(servers, collectors) -> None:
+    srv = await servers(vllm_text(1))
+    store = EndpointStore()
+    store.set_endpoints([srv.endpoint()])
+    await start_collector(store, collectors, enabled=False)
+    store.set_endpoints([srv.endpoint(), srv.endpoint(Engine.SGLANG)])
+    await asyncio.sleep(5 * INTERVAL)
+    assert srv.hits == 0
+    assert state_of(store, srv.address).metrics.scraped_at == 0.0
+
+
+@pytest.fixture(scope="module")
+def tls_server_context(tmp_path_factory: pytest.TempPathFactory) -> ssl.SSLContext:
+    openssl = shutil.which("openssl")
+    if openssl is None:
+        pytest.skip("no openssl CLI to make a self-signed certificate")
+    folder: Path = tmp_path_factory.mktemp("tls")
+    subprocess.run(
+        [openssl, "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
+         "-keyout", str(folder / "key.pem"), "-out", str(folder / "cert.pem"), "-days", "1",
+         "-subj", "/CN=localhost", "-addext", "subjectAltName=IP:127.0.0.1"],
+        check=True, capture_output=True, timeout=30,
+    )  # fmt: skip
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(folder / "cert.pem", folder / "key.pem")
+    return context
+
+
+async def test_https_scrape(servers, collectors, tls_server_context: ssl.SSLContext) -> None:
+    srv = await servers(vllm_text(6), tls=tls_server_context)
+    store = EndpointStore()
+    store.set_endpoints([srv.endpoint()])
+    await start_collector(store, collectors, source=MetricsDataSource(scheme="https"))
+    await wait_until(lambda: state_of(store, srv.address).metrics.waiting == 6.0)
+
+
+async def test_https_with_verification_fails_on_a_self_signed_certificate(
+    servers, collectors, tls_server_context: ssl.SSLContext
+) -> None:
+    srv = await servers(vllm_text(6), tls=tls_server_context)
+    store = EndpointStore()
+    store.set_endpoints([srv.endpoint()])
+    await start_collector(store, collectors, source=MetricsDataSource(scheme="https", insecure_skip_verify=False))
+    state = state_of(store, srv.address)
+    await wait_until(lambda: state.failures >= 2)
+    assert "CERTIFICATE_VERIFY_FAILED" in (state.last_error or "")
+    assert state.metrics.scraped_at == 0.0

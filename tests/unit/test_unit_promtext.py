@@ -6,10 +6,11 @@ import math
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
+from prometheus_client.samples import Sample
 
 from igw.api.types import EndpointMetrics, Engine
-from igw.datalayer.engines import ENGINE_METRICS, Field
-from igw.datalayer.promtext import MetricsReader, parse_labels
+from igw.datalayer.engines import BUILTIN_ENGINES, EngineConfig, MetricSpec
+from igw.datalayer.promtext import MetricsReader, lora_info, parse_labels
 
 # --------------------------------------------------------------------------------------------
 # Realistic exposition texts
@@ -60,6 +61,11 @@ vllm:cache_config_info{block_size="16",cache_dtype="auto",calculate_kv_scales="F
 enable_prefix_caching="True",engine="0",gpu_memory_utilization="0.9",is_attention_free="False",\
 num_cpu_blocks="None",num_gpu_blocks="27362",num_gpu_blocks_override="None",prefix_caching_hash_algo="sha256",\
 sliding_window="None",swap_space="4",swap_space_bytes="4294967296"} 1.0
+# HELP vllm:lora_requests_info Running stats on lora requests.
+# TYPE vllm:lora_requests_info gauge
+vllm:lora_requests_info{max_lora="2",running_lora_adapters="",waiting_lora_adapters=""} 1.7215401e+09
+vllm:lora_requests_info{max_lora="2",running_lora_adapters="lora-a,lora-b",waiting_lora_adapters="lora-b"} 1.7215405e+09
+vllm:lora_requests_info{max_lora="2",running_lora_adapters="lora-a",waiting_lora_adapters="lora-a"} 1.7215403e+09
 """
 
 VLLM_LEGACY_TEXT = """\
@@ -134,8 +140,13 @@ nv_trt_llm_kv_cache_block_metrics{kv_cache_block_type="fraction",model="tensorrt
 """
 
 
-def _read(engine: Engine, text: str, now: float = 12.5) -> EndpointMetrics:
-    return MetricsReader(ENGINE_METRICS[engine]).read(text, now=now)
+def _read(engine: Engine | EngineConfig, text: str, now: float = 12.5) -> EndpointMetrics:
+    config = engine if isinstance(engine, EngineConfig) else BUILTIN_ENGINES[engine]
+    return MetricsReader(config).read(text, now=now)
+
+
+AB = frozenset({"lora-a", "lora-b"})
+B = frozenset({"lora-b"})
 
 
 # --------------------------------------------------------------------------------------------
@@ -143,7 +154,7 @@ def _read(engine: Engine, text: str, now: float = 12.5) -> EndpointMetrics:
 # --------------------------------------------------------------------------------------------
 
 REALISTIC = [
-    (Engine.VLLM, VLLM_TEXT, EndpointMetrics(7.0, 4.0, 0.4375, 16, 27362, 12.5)),
+    (Engine.VLLM, VLLM_TEXT, EndpointMetrics(7.0, 4.0, 0.4375, 16, 27362, 12.5, 2, AB, B)),
     (Engine.VLLM, VLLM_LEGACY_TEXT, EndpointMetrics(1.0, 2.0, 0.125, None, None, 12.5)),
     (Engine.SGLANG, SGLANG_TEXT, EndpointMetrics(5.0, 3.0, 0.62, 1, 8192, 12.5)),
     (Engine.TRTLLM_SERVE, TRTLLM_TEXT, EndpointMetrics(2.0, 6.0, 0.9, 32, 4096, 12.5)),
@@ -158,7 +169,7 @@ def test_reads_every_field_from_realistic_text(engine: Engine, text: str, expect
 
 
 def test_every_engine_has_a_realistic_fixture() -> None:
-    assert {engine for engine, _, _ in REALISTIC} == set(ENGINE_METRICS)
+    assert {engine for engine, _, _ in REALISTIC} == set(BUILTIN_ENGINES)
 
 
 # --------------------------------------------------------------------------------------------
@@ -166,43 +177,124 @@ def test_every_engine_has_a_realistic_fixture() -> None:
 # --------------------------------------------------------------------------------------------
 
 
-def _reference(engine: Engine, text: str, now: float) -> EndpointMetrics:
-    """What the engine's sources select, computed with prometheus_client (first matching series wins)."""
+def _reference(engine: Engine | EngineConfig, text: str, now: float) -> EndpointMetrics:
+    """What the engine's specs select, computed with prometheus_client from the config itself:
+    the first matching series with a finite value, LoRA info from the series of largest value."""
+    config = engine if isinstance(engine, EngineConfig) else BUILTIN_ENGINES[engine]
     samples = [s for fam in text_string_to_metric_families(text) for s in fam.samples]
-    found: dict[Field, float] = {}
-    for src in ENGINE_METRICS[engine].sources:
-        if src.field in found:
-            continue
-        for sample in samples:
-            if sample.name != src.metric or any(sample.labels.get(k) != v for k, v in src.match):
-                continue
-            if src.label:
-                raw = sample.labels.get(src.label)
-                try:
-                    value = float(raw) if raw is not None else math.nan
-                except ValueError:
-                    value = math.nan
-            else:
-                value = sample.value
-            if math.isfinite(value):
-                found[src.field] = value
-                break
+
+    def matching(spec: MetricSpec) -> list[Sample]:
+        return [s for s in samples if s.name == spec.name and all(s.labels.get(k, "") == v for k, v in spec.labels)]
+
+    def first(specs: tuple[MetricSpec, ...], label: str | None = None) -> float | None:
+        for spec in specs:
+            for sample in matching(spec):
+                if label:
+                    try:
+                        value = float(sample.labels.get(label, "nan"))
+                    except ValueError:
+                        value = math.nan
+                else:
+                    value = sample.value
+                if math.isfinite(value):
+                    return value
+        return None
 
     def as_int(v: float | None) -> int | None:
         return int(v) if v is not None and v > 0 else None
 
+    def some(spec: MetricSpec | None) -> tuple[MetricSpec, ...]:
+        return () if spec is None else (spec,)
+
+    if config.cache_block_size is not None:
+        block_size = first((config.cache_block_size,))
+    else:
+        block_size = first(some(config.cache_info), config.cache_block_size_label)
+    if config.cache_num_blocks is not None:
+        num_blocks = first((config.cache_num_blocks,))
+    else:
+        num_blocks = first(some(config.cache_info), config.cache_num_blocks_label)
+    max_lora, running, waiting = None, frozenset[str](), frozenset[str]()
+    if config.lora is not None:
+        lora_series = [s for s in matching(config.lora) if math.isfinite(s.value)]
+        if lora_series:
+            newest = max(lora_series, key=lambda s: s.value)  # max() keeps the first of equal values
+            max_lora, running, waiting = lora_info(newest.labels)
+
     return EndpointMetrics(
-        waiting=found.get(Field.WAITING, 0.0),
-        running=found.get(Field.RUNNING, 0.0),
-        kv_usage=min(max(found.get(Field.KV_USAGE, 0.0), 0.0), 1.0),
-        block_size=as_int(found.get(Field.BLOCK_SIZE)),
-        num_gpu_blocks=as_int(found.get(Field.NUM_GPU_BLOCKS)),
+        waiting=first(config.queued) or 0.0,
+        running=first(config.running) or 0.0,
+        kv_usage=min(max(first(config.kv_usage) or 0.0, 0.0), 1.0),
+        block_size=as_int(block_size),
+        num_gpu_blocks=as_int(num_blocks),
         scraped_at=now,
+        max_lora=max_lora,
+        running_adapters=running,
+        waiting_adapters=waiting,
     )
 
 
+def _lora_line(max_lora: str, running: str, waiting: str, ts: str) -> str:
+    return (
+        f'vllm:lora_requests_info{{max_lora="{max_lora}",running_lora_adapters="{running}",'
+        f'waiting_lora_adapters="{waiting}"}} {ts}\n'
+    )
+
+
+CUSTOM = EngineConfig.from_specs(
+    "custom",
+    queued_requests_spec='q{pool="a \\"b\\"",zone=""}',
+    running_requests_spec="r{kind=`x\\y`}",
+    kv_usage_spec="kv",
+    lora_spec="lora_info{engine='1'}",
+    cache_info_spec="cfg",
+    cache_block_size_label_name="page",
+    cache_num_blocks_spec="blocks{type=max}",
+)
+CUSTOM_TEXT = """\
+q{pool="other"} 1
+q{pool="a \\"b\\"",zone="eu"} 2
+q{pool="a \\"b\\""} 3
+r{kind="x"} 4
+r{kind="x\\\\y"} 5
+kv 0.5
+cfg{page="8",num_gpu_blocks="100"} 1
+blocks{type="min"} 10
+blocks{type="max"} 20
+lora_info{engine="0",max_lora="9",running_lora_adapters="zero"} 200
+lora_info{engine="1",max_lora="3",running_lora_adapters="one"} 100
+"""
+
 CROSS_CHECK = [
     *REALISTIC,
+    (CUSTOM, CUSTOM_TEXT, EndpointMetrics(3.0, 5.0, 0.5, 8, 20, 12.5, 3, frozenset({"one"}))),
+    (
+        Engine.VLLM,
+        _lora_line("4", "a", "", "10") + _lora_line("4", "b", "", "30") + _lora_line("4", "c", "", "20"),
+        EndpointMetrics(scraped_at=12.5, max_lora=4, running_adapters=frozenset({"b"})),
+    ),
+    (
+        Engine.VLLM,
+        _lora_line("4", "a", "", "30") + _lora_line("4", "b", "", "30"),
+        EndpointMetrics(scraped_at=12.5, max_lora=4, running_adapters=frozenset({"a"})),
+    ),
+    (
+        Engine.VLLM,
+        _lora_line("4", "a", "", "NaN") + _lora_line("4", "b", "", "+Inf") + _lora_line("4", "c", "", "1"),
+        EndpointMetrics(scraped_at=12.5, max_lora=4, running_adapters=frozenset({"c"})),
+    ),
+    (
+        Engine.VLLM,
+        _lora_line("1", " a , b ,, ", " c,", "5"),
+        EndpointMetrics(scraped_at=12.5, max_lora=1, running_adapters=frozenset("ab"), waiting_adapters=frozenset("c")),
+    ),
+    (Engine.VLLM, "vllm:lora_requests_info 5\n", EndpointMetrics(scraped_at=12.5)),
+    (Engine.SGLANG, _lora_line("4", "a", "b", "5"), EndpointMetrics(scraped_at=12.5)),
+    (
+        Engine.VLLM,
+        "vllm:gpu_cache_usage_perc 0.75\nvllm:kv_cache_usage_perc 0.25\n",
+        EndpointMetrics(kv_usage=0.25, scraped_at=12.5),
+    ),
     (Engine.VLLM, "", EndpointMetrics(scraped_at=12.5)),
     (Engine.TRITON_TENSORRT_LLM, VLLM_TEXT, EndpointMetrics(scraped_at=12.5)),
     (
@@ -223,6 +315,14 @@ CROSS_CHECK = [
 ]
 CROSS_CHECK_IDS = [
     *REALISTIC_IDS,
+    "custom-specs-quoting-escapes-empty-matcher",
+    "lora-largest-value-wins",
+    "lora-tie-first-wins",
+    "lora-non-finite-ignored",
+    "lora-spaces-and-empty-items",
+    "lora-no-labels",
+    "lora-not-read-by-sglang",
+    "legacy-kv-name-only-when-new-absent",
     "empty-text",
     "wrong-engine",
     "first-series-wins-and-timestamp-ignored",
@@ -371,3 +471,58 @@ def test_tab_separated_sample_is_read_like_prometheus_client() -> None:
     parsed = [s.value for fam in text_string_to_metric_families(text) for s in fam.samples]
     assert parsed == [3.0]
     assert _read(Engine.VLLM, text).waiting == 3.0
+
+
+# --------------------------------------------------------------------------------------------
+# LoRA info labels
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("labels", "expected"),
+    [
+        ({"max_lora": "2", "running_lora_adapters": "a,b", "waiting_lora_adapters": "c"}, (2, {"a", "b"}, {"c"})),
+        ({"max_lora": " 3 ", "running_lora_adapters": " a , b ", "waiting_lora_adapters": " "}, (3, {"a", "b"}, set())),
+        ({"max_lora": "0", "running_lora_adapters": "", "waiting_lora_adapters": ""}, (0, set(), set())),
+        ({"running_lora_adapters": "a"}, (None, {"a"}, set())),
+        ({"max_lora": "two"}, (None, set(), set())),
+        ({"max_lora": "2.0"}, (None, set(), set())),
+        ({"max_lora": "-1"}, (None, set(), set())),
+        ({"max_lora": ""}, (None, set(), set())),
+        ({"running_lora_adapters": ",,a,,a,"}, (None, {"a"}, set())),
+        ({}, (None, set(), set())),
+    ],
+    ids=[
+        "plain",
+        "spaces-trimmed",
+        "zero-and-empty-lists",
+        "missing-max-lora",
+        "max-lora-not-a-number",
+        "max-lora-not-an-integer",
+        "max-lora-negative",
+        "max-lora-empty",
+        "empty-items-and-duplicates",
+        "no-labels",
+    ],
+)
+def test_lora_info_labels(labels: dict[str, str], expected: tuple[int | None, set[str], set[str]]) -> None:
+    assert lora_info(labels) == expected
+
+
+def test_lora_series_order_does_not_matter() -> None:
+    lines = [_lora_line("2", name, "", ts) for name, ts in (("old", "1"), ("new", "3"), ("mid", "2"))]
+    for order in ([0, 1, 2], [2, 1, 0], [1, 0, 2]):
+        text = VLLM_LEGACY_TEXT + "".join(lines[i] for i in order)
+        assert _read(Engine.VLLM, text).running_adapters == frozenset({"new"})
+
+
+def test_lora_does_not_stop_the_other_fields() -> None:
+    text = _lora_line("2", "a", "", "5") + VLLM_LEGACY_TEXT + _lora_line("2", "b", "", "6")
+    m = _read(Engine.VLLM, text)
+    assert (m.waiting, m.running, m.kv_usage, m.running_adapters) == (1.0, 2.0, 0.125, frozenset({"b"}))
+
+
+def test_disabled_signals_read_nothing() -> None:
+    only_queue = EngineConfig.from_specs("q", queued_requests_spec="vllm:num_requests_waiting")
+    assert _read(only_queue, VLLM_TEXT) == EndpointMetrics(waiting=7.0, scraped_at=12.5)
+    assert _read(EngineConfig.from_specs("nothing"), VLLM_TEXT) == EndpointMetrics(scraped_at=12.5)

@@ -31,6 +31,8 @@ class RequestContext:
     status: int | None = None
     """HTTP status of the model server's response, when seen."""
     error: ErrorCode | None = None
+    explanation: str | None = None
+    """The decision explained (JSON), when the client asked and explanations are enabled."""
     finished: bool = False
 
     @property

@@ -9,81 +9,120 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+from collections.abc import Callable, Sequence
 from types import TracebackType
 
 import grpc
+import orjson
 from aiohttp import web
 from prometheus_client import CollectorRegistry
 
 from igw.accounting.tracker import RequestTracker
+from igw.api.types import EndpointState
+from igw.app import plugins as _plugins  # registers every plugin type
+from igw.config.loader import EppConfig, load_text
 from igw.config.pool import PoolSpec
-from igw.config.settings import EppSettings, SchedulingSettings
+from igw.config.settings import EppSettings
 from igw.datalayer.collector import MetricsCollector
+from igw.datalayer.objectives import ObjectiveStore
 from igw.datalayer.store import EndpointStore
 from igw.extproc.server import start_extproc_server
 from igw.flowcontrol.admission import Admission
-from igw.framework.scheduling import SchedulerProfile, WeightedScorer
+from igw.framework.plugin import Plugin
+from igw.observability.decisions import DecisionLog
 from igw.observability.health import HealthState, start_health_server
 from igw.observability.http import start_metrics_server
 from igw.observability.metrics import EppMetrics
-from igw.requestcontrol.director import Director
-from igw.scheduling.plugins.availability_filter import AvailabilityFilter
-from igw.scheduling.plugins.inflight_scorer import InflightScorer
-from igw.scheduling.plugins.kv_cache_scorer import KvCacheUtilizationScorer
-from igw.scheduling.plugins.max_score_picker import MaxScorePicker
-from igw.scheduling.plugins.queue_scorer import QueueScorer
+from igw.requestcontrol.director import Availability, Director, Hooks
 from igw.scheduling.scheduler import Scheduler
 
 log = logging.getLogger("igw.epp")
 
 
-def default_profile(settings: EppSettings) -> SchedulerProfile:
-    """Queue depth and KV use (weights 2 and 2, as the reference default) plus local in-flight."""
-    s: SchedulingSettings = settings.scheduling
-    dl = settings.datalayer
-    scorers = [
-        WeightedScorer(QueueScorer(), s.queue_weight),
-        WeightedScorer(KvCacheUtilizationScorer(), s.kv_cache_weight),
-        WeightedScorer(InflightScorer(), s.inflight_weight),
-    ]
-    return SchedulerProfile(
-        name="default",
-        filters=(
-            AvailabilityFilter(
-                staleness_threshold=dl.staleness_threshold,
-                max_consecutive_failures=dl.max_consecutive_failures,
-            ),
-        ),
-        scorers=tuple(w for w in scorers if w.weight > 0),
-        picker=MaxScorePicker(max_endpoints=1 + s.fallbacks),
-    )
+class StoreHandle:
+    """The :class:`~igw.framework.plugin.Handle` plugins get: the live pool of the store."""
+
+    def __init__(self, store: EndpointStore) -> None:
+        self._store = store
+        self.clock: Callable[[], float] = store.clock
+
+    def endpoints(self) -> Sequence[EndpointState]:
+        return self._store.endpoints()
+
+    def on_endpoints_change(self, listener: Callable[[], None]) -> None:
+        self._store.on_change(listener)
+
+    def plugin(self, name: str) -> Plugin | None:
+        return None
 
 
-def build_director(settings: EppSettings, store: EndpointStore, metrics: EppMetrics) -> Director:
-    """The request path over a store: admission, the default profile, in-flight accounting."""
+def load_config(text: str | None, store: EndpointStore, *, source: str = "configuration") -> EppConfig:
+    """Both loading phases over the store's pool (``None``: the default configuration)."""
+    assert _plugins.known_types()
+    return load_text(text, StoreHandle(store), source=source)
+
+
+def build_director(
+    settings: EppSettings,
+    store: EndpointStore,
+    metrics: EppMetrics,
+    config: EppConfig | None = None,
+    *,
+    objectives: ObjectiveStore | None = None,
+) -> Director:
+    """The request path over a store, as the configuration (default: the reference default) says."""
+    config = config or load_config(None, store)
+    for profile in config.profiles:  # the proxy's retries need fallbacks, whatever the picker says
+        profile.picker.max_endpoints = max(profile.picker.max_endpoints, 1 + settings.scheduling.fallbacks)
     tracker = RequestTracker(store, metrics)
+    dl, obs = settings.datalayer, settings.observability
     return Director(
         store=store,
-        admission=Admission(settings.admission, lambda: tracker.inflight),
-        scheduler=Scheduler(default_profile(settings)),
+        parser=config.parser,
+        admission=Admission(
+            settings.admission,
+            lambda: tracker.inflight,
+            detector=config.saturation_detector,
+            admitters=config.admitters,
+        ),
+        scheduler=Scheduler(config.profiles, config.profile_handler, metrics=metrics.plugins),
         tracker=tracker,
         metrics=metrics,
+        hooks=Hooks(
+            producers=config.producers,
+            pre_request=config.pre_request,
+            response_headers=config.response_headers,
+            response_complete=config.response_complete,
+        ),
+        objectives=objectives,
+        availability=Availability(dl.staleness_threshold, dl.max_consecutive_failures, store.clock),
+        decisions=DecisionLog(obs.recent_decisions),
+        explain_top=obs.explain_top if obs.decision_header else None,
         honour_subset_hint=settings.scheduling.honour_subset_hint,
     )
 
 
 class Epp:
-    def __init__(self, settings: EppSettings, pool: PoolSpec, *, registry: CollectorRegistry | None = None):
+    def __init__(
+        self,
+        settings: EppSettings,
+        pool: PoolSpec,
+        *,
+        config_text: str | None = None,
+        config_source: str = "configuration",
+        registry: CollectorRegistry | None = None,
+    ):
         self.settings = settings
         self.registry = registry or CollectorRegistry(auto_describe=True)
         self.metrics = EppMetrics(self.registry)
         self.store = EndpointStore(pool_name=pool.name)
         self.store.set_endpoints(pool.build())
+        self.objectives = ObjectiveStore(pool.priorities())
+        self.config = load_config(config_text, self.store, source=config_source)
         self.metrics.watch_pool(pool.name, self.store.endpoints)
         self.collector = MetricsCollector(self.store, settings.datalayer)
-        self.director = build_director(settings, self.store, self.metrics)
+        self.director = build_director(settings, self.store, self.metrics, self.config, objectives=self.objectives)
         self.tracker = self.director.tracker
-        self.profile = self.director.scheduler.profile
         self.health = HealthState()
         self._grpc: grpc.aio.Server | None = None
         self._health_server: grpc.aio.Server | None = None
@@ -100,20 +139,14 @@ class Epp:
             self._grpc, self.grpc_port = await start_extproc_server(self.director, srv, self.metrics)
             if srv.metrics_port >= 0:
                 self._metrics_runner, self.metrics_port = await start_metrics_server(
-                    self.registry, srv.host, srv.metrics_port
+                    self.registry, srv.host, srv.metrics_port, self.director.decisions
                 )
         except BaseException:
             await self.stop()
             raise
         await self.health.set_ready(self.store.synced)
         log.info("effective settings: %s", dataclasses.asdict(self.settings))
-        log.info(
-            "scheduling profile %r: filters %s, scorers %s, picker %s",
-            self.profile.name,
-            [f.type_name for f in self.profile.filters],
-            [f"{w.scorer.type_name}x{w.weight:g}" for w in self.profile.scorers],
-            self.profile.picker.type_name,
-        )
+        log.info("effective configuration: %s", orjson.dumps(self.config.describe()).decode())
         log.info(
             "endpoint picker ready: ext_proc %s:%d, health %d, metrics %d, pool %r with %d endpoints",
             srv.host, self.grpc_port, self.health_port, self.metrics_port,

@@ -33,9 +33,16 @@ class GatewaySettings:
 
 
 class Gateway:
-    def __init__(self, settings: GatewaySettings, pool: PoolSpec) -> None:
+    def __init__(
+        self,
+        settings: GatewaySettings,
+        pool: PoolSpec,
+        *,
+        config_text: str | None = None,
+        config_source: str = "configuration",
+    ) -> None:
         self.settings = settings
-        self.epp = Epp(settings.epp, pool)
+        self.epp = Epp(settings.epp, pool, config_text=config_text, config_source=config_source)
         self.envoy: EnvoyProcess | None = None
 
     @property
@@ -117,8 +124,10 @@ async def wait_for_signal() -> None:
             loop.remove_signal_handler(sig)
 
 
-async def run_gateway(settings: GatewaySettings, pool: PoolSpec) -> None:
-    async with Gateway(settings, pool) as gw:
+async def run_gateway(
+    settings: GatewaySettings, pool: PoolSpec, *, config_text: str | None = None, config_source: str = "configuration"
+) -> None:
+    async with Gateway(settings, pool, config_text=config_text, config_source=config_source) as gw:
         epp = gw.epp
         host = settings.epp.server.host
         print(

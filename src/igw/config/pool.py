@@ -9,6 +9,9 @@
     endpoints:
       - 10.0.0.1:8000             # host:port, or a mapping with per-endpoint overrides:
       - {address: 10.0.0.2:8000, engine: sglang, models: [llama-3-8b], labels: {zone: a}}
+    objectives:                   # optional: InferenceObjectives (header x-gateway-inference-objective)
+      - {name: batch, priority: -1}   # below zero: shed with 429 while the pool is saturated
+      - {name: chat, priority: 10}
 """
 
 from __future__ import annotations
@@ -40,12 +43,31 @@ class EndpointSpec(BaseModel):
         return format_address(host, port)
 
 
+class ObjectiveSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    name: str = Field(min_length=1)
+    priority: int = 0
+
+
 class PoolSpec(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
     name: str = "default"
     engine: Engine | None = None
     models: list[str] | None = None
     endpoints: list[EndpointSpec] = Field(default_factory=list)
+    objectives: list[ObjectiveSpec] = Field(default_factory=list)
+
+    @field_validator("objectives")
+    @classmethod
+    def _unique_objectives(cls, value: list[ObjectiveSpec]) -> list[ObjectiveSpec]:
+        names = [o.name for o in value]
+        duplicates = sorted({n for n in names if names.count(n) > 1})
+        if duplicates:
+            raise ValueError(f"objective names must be unique: {', '.join(duplicates)}")
+        return value
+
+    def priorities(self) -> dict[str, int]:
+        return {o.name: o.priority for o in self.objectives}
 
     @field_validator("endpoints", mode="before")
     @classmethod

@@ -53,11 +53,11 @@ class DataLayerSettings:
 
 @dataclass(frozen=True, slots=True)
 class SchedulingSettings:
-    queue_weight: float = 2.0
-    kv_cache_weight: float = 2.0
-    inflight_weight: float = 1.0
+    """What the EndpointPickerConfig file does not say (the file chooses the plugins)."""
+
     fallbacks: int = 0
-    """Extra endpoints listed after the pick (comma list) for the proxy to retry on."""
+    """Extra endpoints listed after the pick (comma list) for the proxy to retry on; pickers
+    return at least ``1 + fallbacks`` endpoints whatever their ``maxNumOfEndpoints``."""
     honour_subset_hint: bool = True
     """Restrict candidates to the proxy's ``envoy.lb.subset_hint`` when it sends one."""
 
@@ -69,8 +69,20 @@ class AdmissionSettings:
 
 
 @dataclass(frozen=True, slots=True)
+class ObservabilitySettings:
+    decision_header: bool = False
+    """Answer a request's ``x-igw-explain`` header with the decision in ``x-igw-decision``
+    (off by default: it tells clients about the pool)."""
+    explain_top: int = 16
+    """Candidates listed in the ``x-igw-decision`` header (best first; proxies limit header size)."""
+    recent_decisions: int = 64
+    """Decisions kept for ``/debug/decisions`` on the metrics port (0: none)."""
+
+
+@dataclass(frozen=True, slots=True)
 class EppSettings:
     server: ServerSettings = field(default_factory=ServerSettings)
     datalayer: DataLayerSettings = field(default_factory=DataLayerSettings)
     scheduling: SchedulingSettings = field(default_factory=SchedulingSettings)
     admission: AdmissionSettings = field(default_factory=AdmissionSettings)
+    observability: ObservabilitySettings = field(default_factory=ObservabilitySettings)

@@ -3,6 +3,10 @@
 One task per endpoint, started and stopped as the pool changes. A failed scrape leaves the
 old snapshot in place (it ages into staleness) and counts a failure; the scheduler's
 availability check reads both.
+
+The configuration's ``dataLayer`` section maps onto it: the ``metrics-data-source`` plugin says
+how to fetch (scheme, path, TLS), the ``core-metrics-extractor`` plugin which engine's names
+apply to each endpoint; ``sources: []`` is ``enabled=False`` (no scraping at all).
 """
 
 from __future__ import annotations
@@ -13,11 +17,12 @@ import time
 from collections.abc import Callable
 
 from igw import aio
-from igw.api.types import Endpoint, Engine
+from igw.api.types import Endpoint
 from igw.config.settings import DataLayerSettings
-from igw.datalayer.engines import ENGINE_METRICS
-from igw.datalayer.httpget import HttpGetter, ScrapeError
+from igw.datalayer.extractors import CoreMetricsExtractor
+from igw.datalayer.httpget import ScrapeError
 from igw.datalayer.promtext import MetricsReader
+from igw.datalayer.sources import MetricsDataSource
 from igw.datalayer.store import EndpointStore
 
 log = logging.getLogger("igw.datalayer")
@@ -30,16 +35,27 @@ class MetricsCollector:
         settings: DataLayerSettings,
         *,
         clock: Callable[[], float] = time.monotonic,
+        source: MetricsDataSource | None = None,
+        extractor: CoreMetricsExtractor | None = None,
+        enabled: bool = True,
     ) -> None:
+        """``source`` and ``extractor`` default to the plugins with default parameters;
+        ``enabled=False`` makes :meth:`start` a no-op (endpoints are never scraped)."""
         self._store = store
         self._settings = settings
         self._clock = clock
+        self.source = source or MetricsDataSource()
+        self.extractor = extractor or CoreMetricsExtractor()
+        self.enabled = enabled
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self._scraping: dict[str, Endpoint] = {}
         self._running = False
-        self._readers = {engine: MetricsReader(spec) for engine, spec in ENGINE_METRICS.items()}
+        self._readers = {name: MetricsReader(config) for name, config in self.extractor.engines.items()}
 
     async def start(self) -> None:
+        if not self.enabled:
+            log.info("metrics collection is disabled (dataLayer.sources is empty)")
+            return
         self._running = True
         self._store.on_change(self._sync)
         self._sync()
@@ -65,11 +81,14 @@ class MetricsCollector:
                 self._tasks[address] = aio.spawn(self._scrape_loop(endpoint), name=f"scrape {address}")
 
     async def _scrape_loop(self, endpoint: Endpoint) -> None:
-        engine = Engine(endpoint.engine or Engine.VLLM)
-        spec = ENGINE_METRICS[engine]
-        reader = self._readers[engine]
-        path = self._settings.metrics_path or spec.metrics_path
-        getter = HttpGetter(endpoint.host, endpoint.port, path, timeout=self._settings.scrape_timeout)
+        config = self.extractor.engine_for(endpoint)
+        reader = self._readers[config.name]
+        getter = self.source.getter(
+            endpoint.host,
+            endpoint.port,
+            self._settings.metrics_path or config.metrics_path,
+            timeout=self._settings.scrape_timeout,
+        )
         interval = self._settings.scrape_interval
         failures = 0
         try:

@@ -5,11 +5,13 @@ Scraping every endpoint every 50 ms is the EPP's steadiest cost: with a general-
 objects we don't need. This client keeps one connection per endpoint and does only what a
 scrape needs: write a fixed request, read the status line, ``Content-Length`` or chunked
 bodies, honour ``Connection: close``. Anything else it refuses with :class:`ScrapeError`.
+Over https the same protocol object sits on asyncio's TLS transport.
 """
 
 from __future__ import annotations
 
 import asyncio
+import ssl as _ssl
 from typing import cast
 
 
@@ -127,10 +129,24 @@ def _dechunk(buf: bytearray, pos: int, max_body: int) -> tuple[bytes | None, int
 
 
 class HttpGetter:
-    """GETs one URL again and again over one kept-alive connection (reconnecting when needed)."""
+    """GETs one URL again and again over one kept-alive connection (reconnecting when needed).
 
-    def __init__(self, host: str, port: int, path: str, *, timeout: float, max_body: int = 16 * 1024 * 1024) -> None:
+    With ``ssl`` set the connection is https (the context decides verification); the
+    handshake counts against ``timeout`` like the rest of the request.
+    """
+
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        path: str,
+        *,
+        timeout: float,
+        max_body: int = 16 * 1024 * 1024,
+        ssl: _ssl.SSLContext | None = None,
+    ) -> None:
         self.host, self.port, self.timeout, self.max_body = host, port, timeout, max_body
+        self.ssl = ssl
         authority = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
         self._request = (
             f"GET {path} HTTP/1.1\r\nHost: {authority}\r\nUser-Agent: igw-epp\r\n"
@@ -145,7 +161,9 @@ class HttpGetter:
             async with asyncio.timeout(self.timeout):
                 conn = self._conn
                 if conn is None or conn.closed:
-                    _, conn = await loop.create_connection(lambda: _Connection(self.max_body), self.host, self.port)
+                    _, conn = await loop.create_connection(
+                        lambda: _Connection(self.max_body), self.host, self.port, ssl=self.ssl
+                    )
                     self._conn = conn
                 conn.waiter = loop.create_future()
                 assert conn.transport is not None

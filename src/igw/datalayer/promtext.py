@@ -1,7 +1,7 @@
 """A cheap reader of the Prometheus text format that looks only at the series it was asked for.
 
 Scraping dozens of endpoints every 50 ms must stay cheap: a vLLM ``/metrics`` page has a few
-hundred lines of which we need five. This reader jumps from one occurrence of a wanted name to
+hundred lines of which we need a handful. This reader jumps from one occurrence of a wanted name to
 the next with ``str.find`` and parses only those lines, and their labels only for the series
 that select on them. (prometheus-client's parser builds every family and sample; the tests use
 it to cross-check this reader.)
@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Mapping
+from functools import lru_cache
 
 from igw.api.types import EndpointMetrics
-from igw.datalayer.engines import EngineMetrics, Field, Source
+from igw.datalayer.engines import EngineConfig, Field, Source
 
 _NAME_END = frozenset(("{", " ", "\t"))
 _LABEL = re.compile(r'([a-zA-Z_][a-zA-Z0-9_]*)\s*=\s*"((?:[^"\\]|\\.)*)"')
@@ -37,16 +39,40 @@ _LABELS_MEMO: dict[str, dict[str, str]] = {}
 
 
 class MetricsReader:
-    """Turns one endpoint's exposition text into an :class:`EndpointMetrics` snapshot."""
+    """Turns one endpoint's exposition text into an :class:`EndpointMetrics` snapshot.
 
-    __slots__ = ("_by_name",)
+    Which series counts when several match a spec: for the LoRA info series, the one with the
+    largest value (its value is the time of its last update, so the newest; ties: the first).
+    For every other signal, the first matching series with a finite value. (GIE takes the
+    series with the newest sample timestamp; model servers write no timestamps, so that is the
+    first series there too, and reading on would cost a scan of the whole page per signal.)
+    A signal with several specs (vLLM's legacy KV-usage name) reads a later spec only when no
+    earlier one had a sample.
+    """
 
-    def __init__(self, engine: EngineMetrics) -> None:
-        self._by_name: dict[str, tuple[Source, ...]] = engine.by_name()
+    __slots__ = ("_plan",)
+
+    def __init__(self, engine: EngineConfig) -> None:
+        by_name: dict[str, list[Source]] = {}
+        for src in engine.sources():
+            by_name.setdefault(src.metric, []).append(src)
+        # Per name: its sources, and the fields that make scanning it unnecessary once all are
+        # found (never for LoRA: every series of that name must be seen to find the newest).
+        self._plan: tuple[tuple[str, tuple[Source, ...], frozenset[Field] | None], ...] = tuple(
+            (
+                name,
+                tuple(srcs),
+                None if any(s.field is Field.LORA for s in srcs) else frozenset(s.field for s in srcs),
+            )
+            for name, srcs in by_name.items()
+        )
 
     def read(self, text: str, *, now: float) -> EndpointMetrics:
         found: dict[Field, float] = {}
-        for name, sources in self._by_name.items():
+        lora = _Newest()
+        for name, sources, fields in self._plan:
+            if fields is not None and fields <= found.keys():
+                continue  # a fallback name whose fields an earlier name gave: no scan at all
             # Jump from one occurrence of the name to the next (a C-speed scan) and look only at
             # the lines that start with it: the rest of the page is never split or parsed.
             size = len(name)
@@ -55,10 +81,11 @@ class MetricsReader:
                 after = at + size
                 if (at == 0 or text[at - 1] == "\n") and text[after : after + 1] in _NAME_END:
                     eol = text.find("\n", after)
-                    _read_sample(text[after : eol if eol != -1 else len(text)], sources, found)
-                    if all(src.field in found for src in sources):
+                    _read_sample(text[after : eol if eol != -1 else len(text)], sources, found, lora)
+                    if fields is not None and fields <= found.keys():
                         break
                 at = text.find(name, after)
+        max_lora, running_adapters, waiting_adapters = _NO_LORA if lora.labels is None else lora_info(lora.labels)
         return EndpointMetrics(
             waiting=found.get(Field.WAITING, 0.0),
             running=found.get(Field.RUNNING, 0.0),
@@ -66,10 +93,23 @@ class MetricsReader:
             block_size=_int_or_none(found.get(Field.BLOCK_SIZE)),
             num_gpu_blocks=_int_or_none(found.get(Field.NUM_GPU_BLOCKS)),
             scraped_at=now,
+            max_lora=max_lora,
+            running_adapters=running_adapters,
+            waiting_adapters=waiting_adapters,
         )
 
 
-def _read_sample(rest: str, sources: tuple[Source, ...], found: dict[Field, float]) -> None:
+class _Newest:
+    """The labels of the series with the largest value so far."""
+
+    __slots__ = ("labels", "value")
+
+    def __init__(self) -> None:
+        self.value = -math.inf
+        self.labels: dict[str, str] | None = None
+
+
+def _read_sample(rest: str, sources: tuple[Source, ...], found: dict[Field, float], lora: _Newest) -> None:
     """``rest`` is a sample line after the metric name: ``{labels} value [timestamp]`` or `` value``."""
     labels: dict[str, str] | None = None
     if rest[:1] == "{":
@@ -80,16 +120,50 @@ def _read_sample(rest: str, sources: tuple[Source, ...], found: dict[Field, floa
     else:
         label_text = ""
     for src in sources:
-        if src.field in found:
+        field = src.field
+        if field in found:
             continue
-        if src.match or src.label:
+        if src.match or src.label or field is Field.LORA:
             if labels is None:
                 labels = parse_labels(label_text)
-            if any(labels.get(k) != v for k, v in src.match):
+            if any(labels.get(k, "") != v for k, v in src.match):  # PromQL: "" matches a missing label
                 continue
+        if field is Field.LORA:
+            value = _number(rest.split()[:1])
+            if value is not None and value > lora.value:
+                lora.value, lora.labels = value, labels
+            continue
         value = _number(labels.get(src.label) if labels is not None and src.label else rest.split()[:1])
         if value is not None:
-            found[src.field] = value
+            found[field] = value
+
+
+LoraInfo = tuple[int | None, frozenset[str], frozenset[str]]
+_NO_LORA: LoraInfo = (None, frozenset(), frozenset())
+
+
+def lora_info(labels: Mapping[str, str]) -> LoraInfo:
+    """``(max_lora, running, waiting)`` from a ``lora_requests_info`` series' labels.
+
+    ``max_lora`` is a non-negative integer, else ``None``; the adapter lists are
+    comma-separated, names trimmed, empty items dropped; a missing label is an empty list.
+    """
+    try:
+        max_lora: int | None = int(labels.get("max_lora", ""))
+    except ValueError:
+        max_lora = None
+    if max_lora is not None and max_lora < 0:
+        max_lora = None
+    return (
+        max_lora,
+        _adapters(labels.get("running_lora_adapters", "")),
+        _adapters(labels.get("waiting_lora_adapters", "")),
+    )
+
+
+@lru_cache(maxsize=1024)
+def _adapters(csv: str) -> frozenset[str]:
+    return frozenset(name for item in csv.split(",") if (name := item.strip()))
 
 
 def _number(raw: str | list[str] | None) -> float | None:

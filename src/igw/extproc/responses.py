@@ -128,9 +128,12 @@ def echo_response_body(body: bytes, end_of_stream: bool) -> ep.ProcessingRespons
     )
 
 
-def continue_response_headers(remove: Iterable[str] = ()) -> ep.ProcessingResponse:
+def continue_response_headers(
+    remove: Iterable[str] = (), set_headers: Mapping[str, str] | None = None
+) -> ep.ProcessingResponse:
     remove = list(remove)
-    common = ep.CommonResponse(header_mutation=header_mutation(remove=remove)) if remove else None
+    changed = remove or set_headers
+    common = ep.CommonResponse(header_mutation=header_mutation(set_headers, remove)) if changed else None
     return ep.ProcessingResponse(response_headers=ep.HeadersResponse(response=common))
 
 

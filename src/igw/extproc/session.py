@@ -223,8 +223,8 @@ class ExtProcSession:
             elif key == SERVED_KEY:
                 served = served or (h.raw_value.decode("utf-8", "replace") if h.raw_value else h.value)
                 remove.append(SERVED_KEY)
-        self._director.on_response_headers(self.ctx, status=status, served=served)
-        return [responses.continue_response_headers(remove)]
+        extra = self._director.on_response_headers(self.ctx, status=status, served=served)
+        return [responses.continue_response_headers(remove, extra)]
 
 
 def _subset_hint(msg: Any) -> list[str] | None:

@@ -25,13 +25,42 @@ failure is logged and counted in ``igw_plugin_errors_total``):
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any, ClassVar, Protocol, Self
+from typing import Annotated, Any, ClassVar, Protocol, Self
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, BeforeValidator, ConfigDict
 from pydantic.alias_generators import to_camel
 
 from igw.api.types import EndpointState
+
+_DURATION = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ns|us|µs|ms|s|m|h)")
+_UNIT_SECONDS = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
+
+
+def parse_duration(value: Any) -> Any:
+    """A Go-style duration (``"200ms"``, ``"1m30s"``) or a number of seconds -> seconds."""
+    if isinstance(value, str):
+        text = value.strip()
+        if not text:
+            raise ValueError("empty duration")
+        pos, total = 0, 0.0
+        for match in _DURATION.finditer(text):
+            if match.start() != pos:
+                break
+            total += float(match.group(1)) * _UNIT_SECONDS[match.group(2)]
+            pos = match.end()
+        if pos != len(text):
+            try:
+                return float(text)
+            except ValueError:
+                raise ValueError(f"{value!r} is not a duration (like 200ms, 2s, 1m30s)") from None
+        return total
+    return value
+
+
+Duration = Annotated[float, BeforeValidator(parse_duration)]
+"""Seconds, written in a file as a number or a Go-style duration string."""
 
 
 class PluginParams(BaseModel):

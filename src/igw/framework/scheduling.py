@@ -46,6 +46,9 @@ class Scorer(Plugin):
 
 
 class Picker(Plugin):
+    max_endpoints: int = 1
+    """How many endpoints ``pick`` returns at most (the pick, then fallbacks)."""
+
     @abstractmethod
     def pick(
         self, request: InferenceRequest, candidates: Sequence[EndpointState], scores: Sequence[float]
@@ -58,6 +61,9 @@ class Picker(Plugin):
 
 class ProfileHandler(Plugin):
     """Chooses the profiles to run for a request and the result that routes it."""
+
+    def validate_profiles(self, names: Sequence[str]) -> None:
+        """Raise ``ValueError`` if this handler cannot work with these profiles (checked at load)."""
 
     @abstractmethod
     def pick_profiles(

@@ -7,13 +7,22 @@ Model names come from requests, so their label values pass through :class:`Label
 
 from __future__ import annotations
 
+import logging
+import time
 from collections.abc import Callable, Iterable, Sequence
+from typing import Generic, ParamSpec, TypeVar
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from igw.api.types import EndpointState
+from igw.framework.plugin import Plugin
+
+PluginT = TypeVar("PluginT", bound=Plugin)
+A = ParamSpec("A")
+R = TypeVar("R")
+_plugin_log = logging.getLogger("igw.plugins")
 
 _LATENCY_BUCKETS = (
     0.005,
@@ -59,6 +68,59 @@ class LabelGuard:
             self._seen.add(value)
             return value
         return "other"
+
+
+class PluginMetrics:
+    """Latency and failures per plugin and extension point (Filter, Scorer, Picker, PreRequest...)."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.duration = Histogram(
+            "inference_extension_plugin_duration_seconds", "Time spent in a plugin, per extension point.",
+            ["extension_point", "plugin_type", "plugin_name"], buckets=_FAST_BUCKETS, registry=registry,
+        )  # fmt: skip
+        self.errors = Counter(
+            "igw_plugin_errors", "Plugin calls that raised (handled by the failure policy of the hook).",
+            ["extension_point", "plugin_type", "plugin_name"], registry=registry,
+        )  # fmt: skip
+
+
+class TimedPlugin(Generic[PluginT]):
+    """A plugin with its latency histogram and error counter resolved once, for one extension point."""
+
+    __slots__ = ("errors", "extension_point", "observe", "plugin")
+
+    def __init__(self, plugin: PluginT, extension_point: str, metrics: PluginMetrics | None) -> None:
+        self.plugin = plugin
+        self.extension_point = extension_point
+        if metrics is None:
+            self.observe: Callable[[float], None] = _ignore
+            self.errors: Callable[[], None] = _nothing
+        else:
+            self.observe = metrics.duration.labels(extension_point, plugin.type_name, plugin.name).observe
+            self.errors = metrics.errors.labels(extension_point, plugin.type_name, plugin.name).inc
+
+    def guarded(self, fn: Callable[A, R], *args: A.args, **kwargs: A.kwargs) -> R | None:
+        """Call a hook of the plugin, timed; if it raises, log and count it and return ``None``
+        (the failure policy of hooks: the request goes on without what the hook would add)."""
+        t0 = time.perf_counter()
+        try:
+            return fn(*args, **kwargs)
+        except Exception:
+            _plugin_log.exception(
+                "%s hook of plugin %s failed; continuing without it", self.extension_point, self.plugin.name
+            )
+            self.errors()
+            return None
+        finally:
+            self.observe(time.perf_counter() - t0)
+
+
+def _ignore(_: float) -> None:
+    pass
+
+
+def _nothing() -> None:
+    pass
 
 
 class EppMetrics:
@@ -108,6 +170,7 @@ class EppMetrics:
             "(client aborts; or a proxy that does not send the response to the EPP in duplex mode).",
             registry=r,
         )
+        self.plugins = PluginMetrics(r)
         self.protocol_errors = Counter(
             "igw_extproc_protocol_errors", "ext_proc streams that broke the protocol.", registry=r
         )

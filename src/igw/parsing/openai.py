@@ -13,6 +13,8 @@ import orjson
 
 from igw.api.errors import BadRequest
 from igw.api.types import InferenceRequest
+from igw.framework.registry import register
+from igw.framework.requestcontrol import Parser
 
 # (path suffix, field that must be present and non-empty)
 _REQUIRED: tuple[tuple[str, str], ...] = (
@@ -49,7 +51,18 @@ def parse_request(body: bytes, *, path: str, request_id: str, headers: dict[str,
         stream=data.get("stream") is True,
         prompt_text=_prompt_text(data),
         headers=headers,
+        body=data,
     )
+
+
+@register
+class OpenAIParser(Parser):
+    """``openai-parser``: the default; OpenAI completions, chat, embeddings, responses, conversations."""
+
+    type_name = "openai-parser"
+
+    def parse(self, body: bytes, *, path: str, request_id: str, headers: dict[str, str]) -> InferenceRequest:
+        return parse_request(body, path=path, request_id=request_id, headers=headers)
 
 
 def _prompt_text(data: dict[str, Any]) -> str | None:

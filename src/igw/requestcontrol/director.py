@@ -1,26 +1,61 @@
 """The request path, top to bottom.
 
-``handle_request`` reads like the architecture diagram: parse, objective, admission,
-candidates, producers, scheduling, routing, accounting. Each stage lives in its own package;
-the director only sequences them and times each one. Stages raise
+``handle_request`` reads like the architecture diagram: parse, objective, candidates,
+admission, producers, scheduling, pre-request hooks, routing, accounting. Each stage lives in
+its own package or plugin; the director only sequences them and times each one. Stages raise
 :class:`~igw.api.errors.IgwError` subclasses; the ext_proc layer maps them to statuses.
+(Candidates come before admission because saturation is judged over the endpoints that could
+serve the request, as the reference does.)
 """
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 
 from igw.accounting.tracker import RequestTracker
 from igw.api.context import RequestContext
 from igw.api.errors import IgwError, ModelNotFound, NoEndpoint
+from igw.api.protocol import OBJECTIVE_HEADER
 from igw.api.types import EndpointState, InferenceRequest
+from igw.datalayer.objectives import ObjectiveStore
 from igw.datalayer.store import EndpointStore
 from igw.flowcontrol.admission import Admission
-from igw.observability.metrics import EppMetrics
-from igw.parsing.openai import parse_request
+from igw.framework.requestcontrol import (
+    DataProducer,
+    Parser,
+    PreRequest,
+    ResponseCompleteHook,
+    ResponseHeadersHook,
+)
+from igw.observability.decisions import DECISION_HEADER, EXPLAIN_HEADER, DecisionLog, explain_header
+from igw.observability.metrics import EppMetrics, TimedPlugin
 from igw.routing.destination import RouteDecision, route
 from igw.scheduling.scheduler import Scheduler
+
+log = logging.getLogger("igw.requestcontrol")
+
+
+@dataclass(frozen=True, slots=True)
+class Hooks:
+    """The request-control plugins, in the order they run."""
+
+    producers: Sequence[DataProducer] = ()
+    pre_request: Sequence[PreRequest] = ()
+    response_headers: Sequence[ResponseHeadersHook] = ()
+    response_complete: Sequence[ResponseCompleteHook] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class Availability:
+    """Endpoints whose metrics are stale or whose scrapes keep failing are left out of the
+    candidates while others remain (standalone mode's stand-in for Kubernetes readiness)."""
+
+    staleness_threshold: float = 2.0
+    max_consecutive_failures: int = 3
+    clock: Callable[[], float] = field(default=time.monotonic)
 
 
 class Director:
@@ -28,66 +63,104 @@ class Director:
         self,
         *,
         store: EndpointStore,
+        parser: Parser,
         admission: Admission,
         scheduler: Scheduler,
         tracker: RequestTracker,
         metrics: EppMetrics,
+        hooks: Hooks = Hooks(),
+        objectives: ObjectiveStore | None = None,
+        availability: Availability | None = None,
+        decisions: DecisionLog | None = None,
+        explain_top: int | None = None,
         honour_subset_hint: bool = True,
         clock: Callable[[], float] = time.perf_counter,
     ) -> None:
         self.store = store
+        self.parser = parser
         self.admission = admission
         self.scheduler = scheduler
         self.tracker = tracker
         self.metrics = metrics
+        self.objectives = objectives or ObjectiveStore()
+        self.availability = availability or Availability()
+        self.decisions = decisions or DecisionLog(0)
+        self.explain_top = explain_top
+        """Answer ``x-igw-explain`` with this many candidates; ``None``: the header is ignored."""
         self.honour_subset_hint = honour_subset_hint
         self._clock = clock
+        pm = metrics.plugins
+        self._producers = [TimedPlugin(p, "PrepareData", pm) for p in hooks.producers]
+        self._pre_request = [TimedPlugin(p, "PreRequest", pm) for p in hooks.pre_request]
+        self._response_headers = [TimedPlugin(p, "ResponseReceived", pm) for p in hooks.response_headers]
+        self._response_complete = [TimedPlugin(p, "ResponseComplete", pm) for p in hooks.response_complete]
+        self._parse = TimedPlugin(parser, "Parse", pm)
         stage = metrics.stage_duration
         self._t_parse = stage.labels("parse")
         self._t_admission = stage.labels("admission")
+        self._t_producers = stage.labels("producers")
         self._t_schedule = stage.labels("schedule")
 
     async def handle_request(self, ctx: RequestContext, body: bytes) -> RouteDecision:
         """Decide where the request goes; raise an :class:`IgwError` to refuse it."""
         t0 = self._clock()
-        # 1 parsing: OpenAI body -> InferenceRequest
-        request = parse_request(body, path=ctx.path, request_id=ctx.request_id, headers=ctx.headers)
+        # 1 parsing: body -> InferenceRequest
+        try:
+            request = self.parser.parse(body, path=ctx.path, request_id=ctx.request_id, headers=ctx.headers)
+        except IgwError:
+            raise
+        except Exception:
+            self._parse.errors()
+            raise
         ctx.request = request
         t1 = self._clock()
         self._t_parse.observe(t1 - t0)
-        # 2 objective: InferenceObjective -> priority, InferenceModelRewrite -> target model
-        #   (Kubernetes mode; in standalone mode every request has priority 0 and no rewrite)
-        # 3 flow control: admit or shed
-        self.admission.admit(request)
-        t2 = self._clock()
-        self._t_admission.observe(t2 - t1)
-        return self._schedule_and_route(ctx, request, t2)
+        return self._route(ctx, request, t1)
 
     def handle_headers_only(self, ctx: RequestContext) -> RouteDecision:
         """A request without a body (``GET /v1/models``): any candidate will do, load-aware."""
         request = InferenceRequest(request_id=ctx.request_id, model=None, path=ctx.path, body_size=0,
                                    headers=ctx.headers)  # fmt: skip
         ctx.request = request
-        return self._schedule_and_route(ctx, request, self._clock())
+        return self._route(ctx, request, self._clock())
 
-    def _schedule_and_route(self, ctx: RequestContext, request: InferenceRequest, t0: float) -> RouteDecision:
-        # 4 candidates: the pool, narrowed to the model and the proxy's subset hint
+    def _route(self, ctx: RequestContext, request: InferenceRequest, t0: float) -> RouteDecision:
+        # 2 objective: InferenceObjective -> priority (rewrites: Kubernetes mode)
+        objective = ctx.headers.get(OBJECTIVE_HEADER)
+        if objective:
+            request.objective = objective
+            request.priority = self.objectives.priority(objective)
+        # 3 candidates: the pool, narrowed to the model, the proxy's subset hint, the available
         candidates = self.candidates(request, ctx.subset_hint)
-        # 5 producers: none in the default configuration yet (prefix hashes, token counts)
-        # 6 scheduling: filters -> weighted scorers -> picker
+        # 4 admission: shed sheddable requests on a saturated pool, caps, admitter plugins
+        self.admission.admit(request, candidates)
+        t1 = self._clock()
+        self._t_admission.observe(t1 - t0)
+        # 5 producers: data for the scorers (prefix matches, in-flight load), in dependency order
+        for producer in self._producers:
+            producer.guarded(producer.plugin.prepare, request, candidates)
+        t2 = self._clock()
+        self._t_producers.observe(t2 - t1)
+        # 6 scheduling: profile handler -> filters -> weighted scorers -> picker
         try:
             result = self.scheduler.schedule(request, candidates)
         except NoEndpoint:
             self.metrics.scheduler_attempts.labels("failure").inc()
             raise
         self.metrics.scheduler_attempts.labels("success").inc()
-        elapsed = self._clock() - t0
+        # 7 pre-request hooks: indexes and load counters learn the pick
+        for pre in self._pre_request:
+            pre.guarded(pre.plugin.pre_request, request, result)
+        elapsed = self._clock() - t2
         self._t_schedule.observe(elapsed)
         self.metrics.scheduler_duration.observe(elapsed)
-        # 7 routing: destination header + envoy.lb metadata
+        self.decisions.record(request, result)
+        # 8 routing: destination header + envoy.lb metadata
         decision = route(result)
         ctx.destination = decision.destination
-        # 8 accounting: charge the pick one in-flight request until the stream ends
+        if self.explain_top is not None and ctx.headers.get(EXPLAIN_HEADER):
+            ctx.explanation = explain_header(request, result, top=self.explain_top)
+        # 9 accounting: charge the pick one in-flight request until the stream ends
         self.tracker.started(ctx, decision.primary)
         return decision
 
@@ -105,18 +178,37 @@ class Director:
             states = subset(states, subset_hint)
             if not states:
                 raise NoEndpoint("no pool endpoint matches the proxy's subset hint")
-        return states
+        return available(states, self.availability)
 
     # -- response path ---------------------------------------------------------------------------
     def request_failed(self, ctx: RequestContext, error: IgwError) -> None:
         self.tracker.failed(ctx, error)
 
-    def on_response_headers(self, ctx: RequestContext, *, status: int | None, served: str | None) -> None:
+    def on_response_headers(self, ctx: RequestContext, *, status: int | None, served: str | None) -> dict[str, str]:
+        """Record the response; return the headers to add to the client's response."""
         self.tracker.response_headers(ctx, status=status, served=served)
+        out: dict[str, str] = {}
+        request = ctx.request
+        if request is not None:
+            for hook in self._response_headers:
+                extra = hook.guarded(hook.plugin.on_response_headers, request, ctx.picked, status)
+                if extra:
+                    out.update(extra)
+        if ctx.explanation is not None:
+            out[DECISION_HEADER] = ctx.explanation
+        return out
 
     def on_stream_end(self, ctx: RequestContext) -> None:
         """The ext_proc stream ended (request complete, aborted or failed): exactly-once cleanup."""
+        if ctx.finished:
+            return
+        endpoint = ctx.picked
         self.tracker.finished(ctx)
+        request = ctx.request
+        if endpoint is None or request is None:
+            return
+        for done in self._response_complete:
+            done.guarded(done.plugin.on_response_complete, request, endpoint)
 
 
 def subset(states: Sequence[EndpointState], hint: list[str]) -> list[EndpointState]:
@@ -125,3 +217,13 @@ def subset(states: Sequence[EndpointState], hint: list[str]) -> list[EndpointSta
     exact = {h for h in hint if h in addresses}
     hosts = {h.rpartition(":")[0].strip("[]") if ":" in h else h for h in hint if h not in exact}
     return [s for s in states if s.address in exact or s.endpoint.host in hosts]
+
+
+def available(states: Sequence[EndpointState], rule: Availability) -> Sequence[EndpointState]:
+    """The endpoints with fresh metrics and working scrapes; all of them if none qualifies."""
+    now = rule.clock()
+    limit, max_failures = rule.staleness_threshold, rule.max_consecutive_failures
+    fresh = [s for s in states if s.failures < max_failures and s.age(now) <= limit]
+    if len(fresh) == len(states):
+        return states
+    return fresh or states

@@ -6,41 +6,16 @@ pick, the others are fallbacks for the proxy. Parameters: ``maxNumOfEndpoints`` 
 
 from __future__ import annotations
 
-import random
-from collections.abc import Mapping, Sequence
-from typing import Any
-
-from pydantic import Field
+from collections.abc import Sequence
 
 from igw.api.types import EndpointState, InferenceRequest
-from igw.framework.plugin import Handle, PluginParams
 from igw.framework.registry import register
-from igw.framework.scheduling import Picker
-
-
-class PickerParams(PluginParams):
-    max_num_of_endpoints: int = Field(default=1, ge=1)
-    """How many endpoints to return: the pick, then fallbacks."""
+from igw.scheduling.plugins.picking import CountedPicker
 
 
 @register
-class MaxScorePicker(Picker):
+class MaxScorePicker(CountedPicker):
     type_name = "max-score-picker"
-    Params = PickerParams
-
-    def __init__(self, name: str | None = None, *, max_endpoints: int = 1, rng: random.Random | None = None):
-        super().__init__(name)
-        if max_endpoints < 1:
-            raise ValueError("max-score-picker: max_endpoints must be at least 1")
-        self.max_endpoints = max_endpoints
-        self._rng = rng or random.Random()
-
-    @classmethod
-    def from_params(cls, name: str, params: PickerParams, handle: Handle) -> MaxScorePicker:
-        return cls(name, max_endpoints=params.max_num_of_endpoints)
-
-    def describe(self) -> Mapping[str, Any]:
-        return {"maxNumOfEndpoints": self.max_endpoints}
 
     def pick(
         self, request: InferenceRequest, candidates: Sequence[EndpointState], scores: Sequence[float]
