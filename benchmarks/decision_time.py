@@ -1,5 +1,6 @@
 """The EPP's own time per request, in process and without gRPC: session state machine, parsing,
-scheduling with the default profile, building the replies (buffered mode, response headers).
+the default EndpointPickerConfig (queue 2, KV-cache 2, approximate prefix 3: hashing, index
+lookup and insertion included), building the replies (buffered mode, response headers).
 
     .venv/bin/python benchmarks/decision_time.py
 
@@ -25,6 +26,8 @@ from igw.config.settings import EppSettings
 from igw.extproc.session import ExtProcSession
 
 REQUESTS = 2000
+PREFIXES = 64
+"""Requests share one of this many long system prompts (the prefix index fills and hits)."""
 
 
 def _messages(body: bytes) -> list[bytes]:
@@ -47,10 +50,14 @@ async def cell(endpoints: int, prompt_bytes: int) -> tuple[float, float]:
     for i, state in enumerate(epp.store.endpoints()):
         epp.store.update_metrics(state.address, EndpointMetrics(waiting=i % 7, running=4, kv_usage=(i % 10) / 10,
                                                                 scraped_at=now))  # fmt: skip
-    body = orjson.dumps({"model": "m", "messages": [{"role": "user", "content": "x" * prompt_bytes}]})
-    raw = _messages(body)
+    prefixes = [(f"system prompt {p}: " * (prompt_bytes // 16 + 1))[: prompt_bytes - 40] for p in range(PREFIXES)]
+    bodies = [
+        _messages(orjson.dumps({"model": "m", "messages": [
+            {"role": "system", "content": prefixes[i % PREFIXES]}, {"role": "user", "content": f"question {i}"}]}))
+        for i in range(REQUESTS)
+    ]  # fmt: skip
     times: list[float] = []
-    for _ in range(REQUESTS):
+    for raw in bodies:
         t0 = time.perf_counter()
         session = ExtProcSession(epp.director, epp.settings.server)
         for data in raw:

@@ -19,12 +19,13 @@ from aiohttp import web
 from igw.api.context import RequestContext
 from igw.app.envoy import EnvoySettings, UpstreamMode
 from igw.app.gateway import Gateway, GatewaySettings
-from igw.config.pool import pool_from_addresses
+from igw.config.pool import PoolSpec, pool_from_addresses
 from igw.config.settings import (
     AdmissionSettings,
     BodyMode,
     DataLayerSettings,
     EppSettings,
+    ObservabilitySettings,
     SchedulingSettings,
     ServerSettings,
 )
@@ -61,8 +62,14 @@ class RunningGateway:
 class _EditableGateway(Gateway):
     """Lets a test change the generated bootstrap (to act like a gateway that sends subset hints)."""
 
-    def __init__(self, settings: GatewaySettings, pool: Any, edit: Callable[[dict[str, Any]], None] | None) -> None:
-        super().__init__(settings, pool)
+    def __init__(
+        self,
+        settings: GatewaySettings,
+        pool: Any,
+        edit: Callable[[dict[str, Any]], None] | None,
+        config_text: str | None = None,
+    ) -> None:
+        super().__init__(settings, pool, config_text=config_text, config_source="test configuration")
         self._edit = edit
 
     def bootstrap(self) -> dict[str, Any]:
@@ -99,6 +106,9 @@ async def start_gateway() -> AsyncIterator[GatewayFactory]:
         models: list[str] | None = None,
         max_inflight: int = 0,
         edit_bootstrap: Callable[[dict[str, Any]], None] | None = None,
+        config_text: str | None = None,
+        pool: PoolSpec | None = None,
+        observability: ObservabilitySettings | None = None,
     ) -> RunningGateway:
         if fail_open is None:  # Envoy fails open only in buffered mode
             fail_open = body_mode is BodyMode.BUFFERED
@@ -114,13 +124,15 @@ async def start_gateway() -> AsyncIterator[GatewayFactory]:
             datalayer=datalayer or DataLayerSettings(scrape_interval=0.02),
             scheduling=SchedulingSettings(fallbacks=fallbacks),
             admission=AdmissionSettings(max_inflight_requests=max_inflight),
+            observability=observability or ObservabilitySettings(),
         )
         envoy = EnvoySettings(
             listen_port=free_port(), admin_port=free_port(), upstream=upstream, fail_open=fail_open,
             body_mode=body_mode, max_request_body_bytes=max_body, retries=fallbacks, message_timeout_s=5,
         )  # fmt: skip
-        pool = pool_from_addresses(addresses, models=models) if addresses else pool_from_addresses([])
-        gw = _EditableGateway(GatewaySettings(epp=epp_settings, envoy=envoy), pool, edit_bootstrap)
+        if pool is None:
+            pool = pool_from_addresses(addresses, models=models) if addresses else pool_from_addresses([])
+        gw = _EditableGateway(GatewaySettings(epp=epp_settings, envoy=envoy), pool, edit_bootstrap, config_text)
         picks = Picks()
         tracker = gw.epp.tracker
         original = tracker.started

@@ -264,15 +264,13 @@ def test_rendered_images_become_digests() -> None:
 
 def test_rendered_ignores_json_layout_and_non_prompt_fields() -> None:
     content = "You are a careful assistant. " * 10
-    raw_a = (
-        '{"model": "m", "messages": [{"role": "system", "content": "%s"}, {"role": "user", "content": "hi"}]}' % content
-    )
+    raw_a = '{"model": "m", "messages": [{"role": "system", "content": "CONTENT"}, {"role": "user", "content": "hi"}]}'
     raw_b = (
-        '{\n  "temperature": 0.7,\n  "messages": [\n    {"content": "%s",\n     "role": "system"},\n'
-        '    {"name": "bob", "content": "hi", "role": "user"}\n  ],\n  "model": "m"\n}' % content
+        '{\n  "temperature": 0.7,\n  "messages": [\n    {"content": "CONTENT",\n     "role": "system"},\n'
+        '    {"name": "bob", "content": "hi", "role": "user"}\n  ],\n  "model": "m"\n}'
     )
-    a = request(orjson.loads(raw_a), CHAT)
-    b = request(orjson.loads(raw_b), CHAT)
+    a = request(orjson.loads(raw_a.replace("CONTENT", content)), CHAT)
+    b = request(orjson.loads(raw_b.replace("CONTENT", content)), CHAT)
     rendered = producer(hash_scheme="rendered")
     reference = producer(hash_scheme="reference")
     assert len(rendered.hash_request(a, 16)) >= 4
@@ -783,7 +781,8 @@ def test_scorer_keeps_legacy_producer_parameters() -> None:
 
 
 @pytest.mark.parametrize(
-    ("params", "needle"), [({"blockSize": 64}, "blockSizeTokens"), ({"weight": 2}, "weight"), ({"hashScheme": "x"}, "")]
+    ("params", "needle"),
+    [({"blockSize": 64}, "blockSizeTokens"), ({"weight": 2}, "weight"), ({"hashScheme": "x"}, "hashScheme")],
 )
 def test_scorer_bad_parameters(params: dict[str, Any], needle: str) -> None:
     with pytest.raises(registry.PluginError, match=needle):

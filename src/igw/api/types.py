@@ -85,10 +85,12 @@ NEVER_SCRAPED = EndpointMetrics()
 class EndpointState:
     """An endpoint plus what changes about it (metrics, load); the data layer's store owns it."""
 
-    __slots__ = ("dispatched_since_scrape", "endpoint", "failures", "inflight", "last_error", "metrics")
+    __slots__ = ("address", "dispatched_since_scrape", "endpoint", "failures", "inflight", "last_error", "metrics")
 
     def __init__(self, endpoint: Endpoint) -> None:
         self.endpoint = endpoint
+        self.address = endpoint.address
+        """``host:port`` (a plain attribute: scorers read it for every candidate)."""
         self.metrics: EndpointMetrics = NEVER_SCRAPED
         self.inflight = 0
         """Requests this EPP sent there that have not finished yet."""
@@ -98,10 +100,6 @@ class EndpointState:
         """Why the last scrape failed; ``None`` after a success."""
         self.failures = 0
         """Scrapes failed in a row."""
-
-    @property
-    def address(self) -> str:
-        return self.endpoint.address
 
     def age(self, now: float) -> float:
         """Seconds since the last successful scrape (infinite if never scraped)."""

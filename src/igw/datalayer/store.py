@@ -23,6 +23,7 @@ class EndpointStore:
         self._snapshot: tuple[EndpointState, ...] = ()
         self._listeners: list[Callable[[], None]] = []
         self._declared_models: frozenset[str] | None = None
+        self.some_declare_models = False
         self.synced = False
         """True once the pool source has delivered its first complete view."""
 
@@ -42,6 +43,8 @@ class EndpointStore:
         self._states = fresh
         self._snapshot = tuple(fresh.values())
         self._declared_models = self._union_of_models()
+        self.some_declare_models = any(s.endpoint.models is not None for s in self._snapshot)
+        """False: every endpoint serves any model (the per-model filter can be skipped)."""
         self.synced = True
         for listener in self._listeners:
             listener()

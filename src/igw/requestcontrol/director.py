@@ -10,7 +10,6 @@ serve the request, as the reference does.)
 
 from __future__ import annotations
 
-import logging
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -34,8 +33,6 @@ from igw.observability.decisions import DECISION_HEADER, EXPLAIN_HEADER, Decisio
 from igw.observability.metrics import EppMetrics, TimedPlugin
 from igw.routing.destination import RouteDecision, route
 from igw.scheduling.scheduler import Scheduler
-
-log = logging.getLogger("igw.requestcontrol")
 
 
 @dataclass(frozen=True, slots=True)
@@ -173,7 +170,8 @@ class Director:
             declared = self.store.declared_models()
             if declared is not None and model not in declared:
                 raise ModelNotFound(f"model {model!r} is not served by pool {self.store.pool_name!r}")
-            states = [s for s in states if s.endpoint.models is None or model in s.endpoint.models]
+            if self.store.some_declare_models:
+                states = [s for s in states if s.endpoint.models is None or model in s.endpoint.models]
         if subset_hint is not None and self.honour_subset_hint:
             states = subset(states, subset_hint)
             if not states:
@@ -221,9 +219,9 @@ def subset(states: Sequence[EndpointState], hint: list[str]) -> list[EndpointSta
 
 def available(states: Sequence[EndpointState], rule: Availability) -> Sequence[EndpointState]:
     """The endpoints with fresh metrics and working scrapes; all of them if none qualifies."""
-    now = rule.clock()
-    limit, max_failures = rule.staleness_threshold, rule.max_consecutive_failures
-    fresh = [s for s in states if s.failures < max_failures and s.age(now) <= limit]
+    oldest = rule.clock() - rule.staleness_threshold  # -inf when nothing is ever stale
+    max_failures = rule.max_consecutive_failures
+    fresh = [s for s in states if s.metrics.scraped_at >= oldest and s.failures < max_failures]
     if len(fresh) == len(states):
         return states
     return fresh or states

@@ -12,6 +12,8 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Sequence
+from itertools import repeat
+from operator import add, mul
 from typing import ParamSpec, TypeVar
 
 from igw.api.errors import NoEndpoint
@@ -126,7 +128,8 @@ class Scheduler:
             if not candidates:
                 raise NoEndpoint(f"no endpoint left after filter {flt.name}")
         n = len(candidates)
-        totals = [0.0] * n
+        totals: list[float] = [0.0] * n
+        first = True
         raw_scores: dict[str, Sequence[float]] = {}
         for timed, weight in profile.scorers:
             t0 = clock()
@@ -142,7 +145,11 @@ class Scheduler:
                 timed.errors()
                 scores = [0.0] * n
             timed.observe(clock() - t0)
-            totals = [t + weight * v for t, v in zip(totals, scores, strict=True)]
+            if first:
+                totals = list(map(mul, scores, repeat(weight, n)))
+                first = False
+            else:
+                totals = list(map(add, totals, map(mul, scores, repeat(weight, n))))
             raw_scores[scorer.name] = scores
         picker = profile.picker
         t0 = clock()

@@ -372,9 +372,9 @@ def reference_input(request: InferenceRequest, limit: int) -> bytes:
             parts = [b"["]
             size = 1
             for i, message in enumerate(messages):
-                item = orjson.dumps(message)
-                parts.append(b"," + item if i else item)
-                size += len(item) + 1
+                item = b"," + orjson.dumps(message) if i else orjson.dumps(message)
+                parts.append(item)
+                size += len(item)
                 if size >= limit:
                     break
             else:
