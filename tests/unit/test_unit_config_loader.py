@@ -410,3 +410,12 @@ def test_example_configurations_load(path: Path) -> None:
 
 def test_examples_exist() -> None:
     assert len(EXAMPLES) >= 5
+
+
+def test_prefix_parameters_on_the_scorer_reach_the_default_producer() -> None:
+    config = load(
+        HEAD + "plugins:\n- type: prefix-cache-scorer\n  parameters: {blockSizeTokens: 32, maxPrefixBlocksToMatch: 64}\n"
+    )
+    (producer,) = config.producers
+    assert producer.describe()["blockSizeTokens"] == 32
+    assert producer.describe()["maxPrefixBlocksToMatch"] == 64

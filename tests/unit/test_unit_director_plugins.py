@@ -175,3 +175,15 @@ async def test_recent_decisions_are_kept_newest_first_and_bounded() -> None:
     assert [d["requestId"] for d in recent] == ["r4", "r3", "r2"]
     assert {c["endpoint"] for c in recent[0]["candidates"]} == {A, B}
     assert recent[0]["filters"] == [{"name": "(pool)", "left": 2}]
+
+
+async def test_prefix_indexer_metrics() -> None:
+    director, _, metrics = make()
+    prompt = "A shared system prompt that is long enough to fill several blocks. " * 10
+    for i in range(4):
+        await director.handle_request(ctx(rid=f"p{i}"), body(prompt + str(i)))
+    sample = metrics.registry.get_sample_value
+    assert (sample("inference_extension_prefix_indexer_size") or 0) > 0
+    assert sample("inference_extension_prefix_indexer_hit_ratio_count") == 4
+    assert (sample("inference_extension_prefix_indexer_hit_ratio_sum") or 0) > 2.5  # 3 of 4 hit most blocks
+    assert (sample("inference_extension_prefix_indexer_hit_bytes_sum") or 0) > 0

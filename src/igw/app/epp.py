@@ -32,7 +32,7 @@ from igw.framework.plugin import Plugin
 from igw.observability.decisions import DecisionLog
 from igw.observability.health import HealthState, start_health_server
 from igw.observability.http import start_metrics_server
-from igw.observability.metrics import EppMetrics
+from igw.observability.metrics import EppMetrics, PrefixIndexStats
 from igw.requestcontrol.director import Availability, Director, Hooks
 from igw.scheduling.scheduler import Scheduler
 
@@ -72,6 +72,9 @@ def build_director(
 ) -> Director:
     """The request path over a store, as the configuration (default: the reference default) says."""
     config = config or load_config(None, store)
+    for plugin in config.plugins.values():
+        if isinstance(plugin, PrefixIndexStats):
+            metrics.prefix.watch(plugin)
     for profile in config.profiles:  # the proxy's retries need fallbacks, whatever the picker says
         profile.picker.max_endpoints = max(profile.picker.max_endpoints, 1 + settings.scheduling.fallbacks)
     tracker = RequestTracker(store, metrics)

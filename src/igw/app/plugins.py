@@ -3,6 +3,7 @@ reference runner keeps it). Import this module before loading a configuration.""
 
 from __future__ import annotations
 
+import igw.datalayer.extractors
 import igw.datalayer.sources
 import igw.flowcontrol.saturation
 import igw.parsing.openai

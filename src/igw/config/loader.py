@@ -361,7 +361,11 @@ class _Builder:
             if not missing:
                 break
             key, default, consumer = missing[0]
-            producer = self._resolve(default, DataProducer, f"data {key!r} consumed by {consumer.name!r}")
+            where = f"data {key!r} consumed by {consumer.name!r}"
+            if default not in self.plugins and consumer.producer_params:
+                self.plugins[default] = self._create(default, default, consumer.producer_params)
+                self.added.append(f"{default} ({where}, with its parameters)")
+            producer = self._resolve(default, DataProducer, where)
             if key not in producer.produces:
                 raise self.error(f"plugin {consumer.name!r} consumes {key!r}, which {default!r} does not produce")
         producers = [p for p in self.plugins.values() if isinstance(p, DataProducer)]

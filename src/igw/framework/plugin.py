@@ -103,6 +103,9 @@ class Plugin:
     """Request data this plugin reads (``request.data`` key -> type of its default producer).
 
     The loader adds the default producer when no configured DataProducer makes that key."""
+    producer_params: Mapping[str, Any] = {}
+    """Parameters for the default producers this plugin makes the loader add (old reference
+    files set the prefix producer's parameters on ``prefix-cache-scorer``)."""
 
     def __init__(self, name: str | None = None) -> None:
         self.name = name or self.type_name

@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Iterable, Sequence
-from typing import Generic, ParamSpec, TypeVar
+from typing import Generic, ParamSpec, Protocol, TypeVar, runtime_checkable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import GaugeMetricFamily, Metric
@@ -123,6 +123,45 @@ def _nothing() -> None:
     pass
 
 
+@runtime_checkable
+class PrefixIndexStats(Protocol):
+    """What a prefix-cache index plugin reports (the approximate producer does)."""
+
+    on_match: Callable[[int, int], None] | None
+    """Set by the EPP: called with (matched bytes, prompt bytes) for every routed request."""
+
+    @property
+    def indexer_size(self) -> int: ...
+
+
+class PrefixIndexMetrics:
+    """The reference's prefix-indexer metrics, fed by every index plugin of the configuration."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self._indexes: list[PrefixIndexStats] = []
+        self.size = Gauge(
+            "inference_extension_prefix_indexer_size", "Blocks held by the prefix-cache index.", registry=registry
+        )
+        self.size.set_function(lambda: float(sum(i.indexer_size for i in self._indexes)))
+        self.hit_ratio = Histogram(
+            "inference_extension_prefix_indexer_hit_ratio", "Share of a prompt found in the chosen endpoint's cache.",
+            buckets=[i / 10 for i in range(11)], registry=registry,
+        )  # fmt: skip
+        self.hit_bytes = Histogram(
+            "inference_extension_prefix_indexer_hit_bytes", "Prompt bytes found in the chosen endpoint's cache.",
+            buckets=_SIZE_BUCKETS, registry=registry,
+        )  # fmt: skip
+
+    def watch(self, index: PrefixIndexStats) -> None:
+        self._indexes.append(index)
+        index.on_match = self._observe
+
+    def _observe(self, matched_bytes: int, total_bytes: int) -> None:
+        self.hit_bytes.observe(matched_bytes)
+        if total_bytes:
+            self.hit_ratio.observe(matched_bytes / total_bytes)
+
+
 class EppMetrics:
     def __init__(self, registry: CollectorRegistry) -> None:
         self.registry = registry
@@ -171,6 +210,7 @@ class EppMetrics:
             registry=r,
         )
         self.plugins = PluginMetrics(r)
+        self.prefix = PrefixIndexMetrics(r)
         self.protocol_errors = Counter(
             "igw_extproc_protocol_errors", "ext_proc streams that broke the protocol.", registry=r
         )
