@@ -19,6 +19,7 @@ from envoy.config.core.v3 import base_pb2
 from envoy.extensions.filters.http.ext_proc.v3 import processing_mode_pb2 as pm
 from envoy.service.ext_proc.v3 import external_processor_pb2 as ep
 
+from igw.api.context import RequestContext
 from igw.api.types import EndpointMetrics
 from igw.app.epp import Epp
 from igw.config.pool import pool_from_addresses
@@ -44,36 +45,53 @@ def _messages(body: bytes) -> list[bytes]:
     return [m.SerializeToString() for m in (headers, body_msg, response)]
 
 
-async def cell(endpoints: int, prompt_bytes: int) -> tuple[float, float]:
+def _pct(times: list[float], q: float) -> float:
+    ordered = sorted(times)
+    return ordered[min(len(ordered) - 1, int(len(ordered) * q))] * 1e6
+
+
+async def cell(endpoints: int, prompt_bytes: int) -> tuple[float, float, float, float]:
+    """(decision p50, p99, whole EPP path p50, p99) in µs."""
     epp = Epp(EppSettings(), pool_from_addresses([f"10.0.{i // 250}.{i % 250 + 1}:8000" for i in range(endpoints)]))
     now = time.monotonic()
     for i, state in enumerate(epp.store.endpoints()):
         epp.store.update_metrics(state.address, EndpointMetrics(waiting=i % 7, running=4, kv_usage=(i % 10) / 10,
                                                                 scraped_at=now))  # fmt: skip
     prefixes = [(f"system prompt {p}: " * (prompt_bytes // 16 + 1))[: prompt_bytes - 40] for p in range(PREFIXES)]
-    bodies = [
-        _messages(orjson.dumps({"model": "m", "messages": [
-            {"role": "system", "content": prefixes[i % PREFIXES]}, {"role": "user", "content": f"question {i}"}]}))
-        for i in range(REQUESTS)
-    ]  # fmt: skip
-    times: list[float] = []
-    for raw in bodies:
+
+    def body(i: int) -> bytes:
+        return orjson.dumps({"model": "m", "messages": [
+            {"role": "system", "content": prefixes[i % PREFIXES]}, {"role": "user", "content": f"question {i}"}]})  # fmt: skip
+
+    director = epp.director
+    decide: list[float] = []
+    path: list[float] = []
+    for i in range(REQUESTS):
+        # The decision alone: parse, objective, candidates, admission, producers, scheduling, hooks.
+        ctx = RequestContext(request_id=f"d{i}", path="/v1/chat/completions", headers={}, started_at=now)
+        data = body(i)
         t0 = time.perf_counter()
-        session = ExtProcSession(epp.director, epp.settings.server)
-        for data in raw:
-            await session.handle(ep.ProcessingRequest.FromString(data))
+        await director.handle_request(ctx, data)
+        decide.append(time.perf_counter() - t0)
+        director.on_stream_end(ctx)
+        # The whole EPP path of a request: protobuf messages in and out around the decision.
+        raw = _messages(body(i + REQUESTS))
+        t0 = time.perf_counter()
+        session = ExtProcSession(director, epp.settings.server)
+        for message in raw:
+            await session.handle(ep.ProcessingRequest.FromString(message))
         session.finish()
-        times.append(time.perf_counter() - t0)
-    times.sort()
-    return times[len(times) // 2] * 1e6, times[int(len(times) * 0.99)] * 1e6
+        path.append(time.perf_counter() - t0)
+    return _pct(decide, 0.5), _pct(decide, 0.99), _pct(path, 0.5), _pct(path, 0.99)
 
 
 async def main() -> None:
-    print("| endpoints | prompt | p50 µs | p99 µs |\n|---|---|---|---|")
+    print("| endpoints | prompt | decision p50 µs | decision p99 µs | EPP path p50 µs | EPP path p99 µs |")
+    print("|---|---|---|---|---|---|")
     for endpoints in (8, 64, 1000):
         for label, size in (("1 KB", 1000), ("16 KiB", 16 * 1024), ("200 KiB", 200 * 1024)):
-            p50, p99 = await cell(endpoints, size)
-            print(f"| {endpoints} | {label} | {p50:.0f} | {p99:.0f} |", flush=True)
+            d50, d99, p50, p99 = await cell(endpoints, size)
+            print(f"| {endpoints} | {label} | {d50:.0f} | {d99:.0f} | {p50:.0f} | {p99:.0f} |", flush=True)
 
 
 if __name__ == "__main__":

@@ -36,6 +36,9 @@ class ScorerCategory(StrEnum):
 
 class Scorer(Plugin):
     category: ClassVar[ScorerCategory] = ScorerCategory.DISTRIBUTION
+    bounded: ClassVar[bool] = False
+    """True when every score is in [0, 1] by construction (the scheduler then skips clamping,
+    two passes over the candidates); a built-in scorer's tests check it."""
 
     @abstractmethod
     def score(self, request: InferenceRequest, candidates: Sequence[EndpointState]) -> Sequence[float]:

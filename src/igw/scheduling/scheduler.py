@@ -34,8 +34,8 @@ class _CompiledProfile:
         self.profile = profile
         self.name = profile.name
         self.filters: list[TimedPlugin[Filter]] = [TimedPlugin(f, "Filter", metrics) for f in profile.filters]
-        self.scorers: list[tuple[TimedPlugin[Scorer], float]] = [
-            (TimedPlugin(w.scorer, "Scorer", metrics), w.weight) for w in profile.scorers
+        self.scorers: list[tuple[TimedPlugin[Scorer], float, bool]] = [
+            (TimedPlugin(w.scorer, "Scorer", metrics), w.weight, w.scorer.bounded) for w in profile.scorers
         ]
         self.weights = {w.scorer.name: w.weight for w in profile.scorers}
         self.picker: TimedPlugin[Picker] = TimedPlugin(profile.picker, "Picker", metrics)
@@ -131,14 +131,14 @@ class Scheduler:
         totals: list[float] = [0.0] * n
         first = True
         raw_scores: dict[str, Sequence[float]] = {}
-        for timed, weight in profile.scorers:
+        for timed, weight, bounded in profile.scorers:
             t0 = clock()
             scorer = timed.plugin
             try:
                 scores = scorer.score(request, candidates)
                 if len(scores) != n:
                     raise ValueError(f"returned {len(scores)} scores for {n} candidates")
-                if min(scores) < 0.0 or max(scores) > 1.0:
+                if not bounded and (min(scores) < 0.0 or max(scores) > 1.0):
                     scores = [0.0 if v < 0.0 else 1.0 if v > 1.0 else v for v in scores]
             except Exception:
                 log.exception("scorer %s failed; it scores 0 for this request", scorer.name)

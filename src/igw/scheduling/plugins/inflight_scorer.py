@@ -19,6 +19,7 @@ from igw.scheduling.plugins.minmax import lower_is_better
 class InflightScorer(Scorer):
     type_name = "inflight-scorer"
     category = ScorerCategory.BALANCE
+    bounded = True
 
     def score(self, request: InferenceRequest, candidates: Sequence[EndpointState]) -> list[float]:
         return lower_is_better([float(c.inflight) for c in candidates])

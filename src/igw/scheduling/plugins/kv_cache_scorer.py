@@ -17,6 +17,7 @@ from igw.framework.scheduling import Scorer, ScorerCategory
 class KvCacheUtilizationScorer(Scorer):
     type_name = "kv-cache-utilization-scorer"
     category = ScorerCategory.DISTRIBUTION
+    bounded = True
 
     def score(self, request: InferenceRequest, candidates: Sequence[EndpointState]) -> list[float]:
         return [1.0 - c.metrics.kv_usage for c in candidates]

@@ -36,6 +36,7 @@ class LoadAwareParams(PluginParams):
 class LoadAwareScorer(Scorer):
     type_name = "load-aware-scorer"
     category = ScorerCategory.BALANCE
+    bounded = True
     Params = LoadAwareParams
 
     def __init__(self, name: str | None = None, *, threshold: int = 128) -> None:

@@ -53,6 +53,7 @@ NO_SIGNAL = 0.0
 class LoraAffinityScorer(Scorer):
     type_name = "lora-affinity-scorer"
     category = ScorerCategory.AFFINITY
+    bounded = True
 
     def score(self, request: InferenceRequest, candidates: Sequence[EndpointState]) -> list[float]:
         adapter = request.effective_model

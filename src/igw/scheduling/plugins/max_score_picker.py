@@ -22,8 +22,9 @@ class MaxScorePicker(CountedPicker):
     ) -> list[EndpointState]:
         if self.max_endpoints == 1:
             best = max(scores)
-            top = [i for i, score in enumerate(scores) if score == best]
-            return [candidates[top[0] if len(top) == 1 else self._rng.choice(top)]]
+            if scores.count(best) == 1:  # the usual case, at C speed
+                return [candidates[scores.index(best)]]
+            return [candidates[self._rng.choice([i for i, score in enumerate(scores) if score == best])]]
         order = list(range(len(candidates)))
         self._rng.shuffle(order)
         order.sort(key=scores.__getitem__, reverse=True)  # stable: equal scores stay shuffled

@@ -31,7 +31,7 @@ from the body when present), so different models or tenants never share blocks.
   ``<|im_start|>role\\ncontent<|im_end|>\\n`` (text parts joined with newlines as vLLM does,
   images and other parts as a digest), tool definitions first as templates put them in the
   system turn. It does not depend on the client's JSON key order, whitespace or escaping, nor
-  on fields that never reach the prompt (``name``, ``temperature``, ...), so two clients sending
+  on fields it leaves out (``name``, ``temperature``, ``stream``, ...), so two clients sending
   the same conversation get the same blocks; a JSON dump misses whenever two SDKs order keys
   differently. Only full blocks are hashed: engines cache full blocks only, and a partial
   block's hash can never match the next turn of the same conversation (that turn has more text
@@ -49,6 +49,7 @@ Endpoints that leave the pool are purged from the index at once (the reference s
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Literal
 
@@ -147,7 +148,7 @@ class ApproxPrefixCacheProducer(DataProducer, PreRequest):
         self.auto_tune = auto_tune
         self.hash_scheme: HashScheme = hash_scheme
         self.index = PrefixIndex(lru_capacity_per_server)
-        self._clock = clock
+        self._clock = clock or time.monotonic
         self._pool: frozenset[str] | None = None
         """Addresses in the pool, once known: picks outside it are not recorded."""
         self._tuned_block_size = block_size_tokens
@@ -270,9 +271,8 @@ class ApproxPrefixCacheProducer(DataProducer, PreRequest):
         Scanning a thousand candidates costs tens of microseconds, so the answer is kept for
         a second (or until the number of candidates changes).
         """
-        clock = self._clock
-        now = clock() if clock is not None else 0.0
-        if len(candidates) == self._tuned_count and (clock is None or now - self._tuned_at < AUTOTUNE_REFRESH_SECONDS):
+        now = self._clock()
+        if len(candidates) == self._tuned_count and now - self._tuned_at < AUTOTUNE_REFRESH_SECONDS:
             return self._tuned_block_size
         sizes = {size for c in candidates if (size := c.metrics.block_size)}
         self._tuned_block_size = sizes.pop() if len(sizes) == 1 else self.block_size_tokens

@@ -43,6 +43,7 @@ class LegacyScorerParams(PluginParams):
 class PrefixCacheScorer(Scorer):
     type_name = "prefix-cache-scorer"
     category = ScorerCategory.AFFINITY
+    bounded = True
     Params = LegacyScorerParams
     consumes = {MATCH_INFO_KEY: ApproxPrefixCacheProducer.type_name}
 

@@ -20,6 +20,7 @@ from igw.scheduling.plugins.minmax import lower_is_better
 class QueueScorer(Scorer):
     type_name = "queue-scorer"
     category = ScorerCategory.DISTRIBUTION
+    bounded = True
 
     def score(self, request: InferenceRequest, candidates: Sequence[EndpointState]) -> list[float]:
         return lower_is_better([c.metrics.waiting + c.dispatched_since_scrape for c in candidates])

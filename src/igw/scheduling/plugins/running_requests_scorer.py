@@ -19,6 +19,7 @@ from igw.scheduling.plugins.minmax import lower_is_better
 class RunningRequestsSizeScorer(Scorer):
     type_name = "running-requests-size-scorer"
     category = ScorerCategory.DISTRIBUTION
+    bounded = True
 
     def score(self, request: InferenceRequest, candidates: Sequence[EndpointState]) -> list[float]:
         return lower_is_better([c.metrics.running for c in candidates])

@@ -43,6 +43,7 @@ def decode_token(token: str) -> str | None:
 class SessionAffinityScorer(Scorer, ResponseHeadersHook):
     type_name = "session-affinity-scorer"
     category = ScorerCategory.AFFINITY
+    bounded = True
 
     def score(self, request: InferenceRequest, candidates: Sequence[EndpointState]) -> list[float]:
         token = request.headers.get(SESSION_TOKEN_HEADER)

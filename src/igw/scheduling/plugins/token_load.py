@@ -75,6 +75,7 @@ class TokenLoadParams(PluginParams):
 class TokenLoadScorer(Scorer):
     type_name = "token-load-scorer"
     category = ScorerCategory.BALANCE
+    bounded = True
     Params = TokenLoadParams
     consumes = {INFLIGHT_LOAD: InflightLoadProducer.type_name}
 
