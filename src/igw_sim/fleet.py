@@ -6,18 +6,25 @@ Usage::
         url = f"http://{fleet.addresses[0]}/v1/completions"
 
 Port 0 picks a free port; :attr:`SimFleet.addresses` always reports the real ``host:port``. Endpoints
-share nothing but the event loop. On exit, in-flight requests get :data:`SHUTDOWN_GRACE_S` to finish,
-then their handlers are cancelled (which frees the engines' slots).
+share nothing but the event loop. With ``kv_events``, each endpoint publishes its KV-cache events on its
+own PUB socket (topic ``kv@<host:port>@<first model>`` unless configured; the ``i``-th endpoint's bound
+addresses are offset by ``i``, see :func:`igw_sim.kvpublisher.offset_endpoint`). On exit, in-flight
+requests get :data:`SHUTDOWN_GRACE_S` to finish, then their handlers are cancelled (which frees the
+engines' slots). An injected crash stops that endpoint's listener for good.
 """
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Sequence
 from types import TracebackType
 
 from aiohttp import web
 
 from igw_sim.engine import Engine, EngineConfig
+from igw_sim.faults import Faults
+from igw_sim.kvpublisher import KVEventsConfig, ZmqEventPublisher, default_topic, offset_endpoint
+from igw_sim.metrics import MetricsStyle
 from igw_sim.server import SimServer
 
 __all__ = ["SHUTDOWN_GRACE_S", "SimFleet"]
@@ -30,8 +37,9 @@ class SimFleet:
     """Simulated vLLM endpoints on ``ports`` (async context manager; also :meth:`start`/:meth:`stop`).
 
     ``engine`` configures every endpoint's engine; ``models`` are the served model names (the first one
-    labels the metrics). Binding failures (a port in use) raise ``OSError`` from :meth:`start`, after the
-    endpoints already started are stopped again.
+    labels the metrics). ``faults`` is copied per endpoint (each gets its own seeded generator).
+    Binding failures (a port in use) raise ``OSError`` from :meth:`start`, after the endpoints already
+    started are stopped again.
     """
 
     def __init__(
@@ -41,6 +49,10 @@ class SimFleet:
         host: str = "127.0.0.1",
         engine: EngineConfig | None = None,
         models: Sequence[str] = ("sim-model",),
+        metrics_style: MetricsStyle = "vllm",
+        kv_events: KVEventsConfig | None = None,
+        faults: Faults | None = None,
+        tokenizer_path: str | None = None,
     ) -> None:
         if not ports:
             raise ValueError("at least one port is required")
@@ -48,8 +60,13 @@ class SimFleet:
         self.ports = list(ports)
         self.engine_config = engine if engine is not None else EngineConfig()
         self.models = tuple(models)
+        self.metrics_style: MetricsStyle = metrics_style
+        self.kv_events = kv_events
+        self.faults = faults
+        self.tokenizer_path = tokenizer_path
         self.servers: list[SimServer] = []
         self._runners: list[web.AppRunner] = []
+        self._stopping: set[asyncio.Task[None]] = set()
 
     @property
     def engines(self) -> list[Engine]:
@@ -66,14 +83,31 @@ class SimFleet:
         if self._runners:
             raise RuntimeError("SimFleet already started")
         try:
-            for port in self.ports:
-                await self._start_one(port)
+            for index, port in enumerate(self.ports):
+                await self._start_one(index, port)
         except BaseException:
             await self.stop()
             raise
 
-    async def _start_one(self, port: int) -> None:
-        server = SimServer(Engine(self.engine_config), models=self.models)
+    def _faults(self, index: int) -> Faults:
+        base = self.faults
+        if base is None:
+            return Faults()
+        return Faults(
+            error_rate=base.error_rate,
+            error_kinds=base.error_kinds,
+            unhealthy=base.unhealthy,
+            seed=base.seed + index,
+        )
+
+    async def _start_one(self, index: int, port: int) -> None:
+        server = SimServer(
+            Engine(self.engine_config),
+            models=self.models,
+            metrics_style=self.metrics_style,
+            faults=self._faults(index),
+            tokenizer_path=self.tokenizer_path,
+        )
         runner = web.AppRunner(
             server.build_app(),
             handler_cancellation=True,
@@ -82,22 +116,60 @@ class SimFleet:
         )
         await runner.setup()
         self._runners.append(runner)
+        self.servers.append(server)
         site = web.TCPSite(runner, self.host, port)
         await site.start()
         real_port = int(runner.addresses[0][1])
         host = f"[{self.host}]" if ":" in self.host else self.host
         server.endpoint = f"{host}:{real_port}"
-        self.servers.append(server)
+        server.on_crash = lambda: self._crashed(index)
+        if self.kv_events is not None:
+            server.attach_publisher(self._publisher(index, server))
+
+    def _publisher(self, index: int, server: SimServer) -> ZmqEventPublisher:
+        cfg = self.kv_events
+        assert cfg is not None
+        if cfg.topic is None:
+            topic = default_topic(server.endpoint, self.models[0])
+        else:
+            topic = cfg.topic.format(endpoint=server.endpoint, model=self.models[0])
+        replay = None if cfg.replay_endpoint is None else offset_endpoint(cfg.replay_endpoint, index, bound=True)
+        return ZmqEventPublisher(
+            endpoint=offset_endpoint(cfg.endpoint, index),
+            topic=topic,
+            replay_endpoint=replay,
+            event_format=cfg.event_format,
+            int_hashes=cfg.int_hashes,
+            buffer_steps=cfg.buffer_steps,
+            hwm=cfg.hwm,
+        )
+
+    def _crashed(self, index: int) -> None:
+        task = asyncio.get_running_loop().create_task(self.stop_endpoint(index), name="igw-sim-crash")
+        self._stopping.add(task)
+        task.add_done_callback(self._stopping.discard)
 
     async def stop_endpoint(self, index: int) -> None:
         """Stop one endpoint (it stops answering, ``/metrics`` included); the others keep serving."""
-        await self._runners[index].cleanup()
+        if index < len(self._runners):
+            await self._runners[index].cleanup()
+        await self._close_server(self.servers[index])
+
+    async def _close_server(self, server: SimServer) -> None:
+        await server.engine.aclose()
+        if server.kv_publisher is not None:
+            publisher, server.kv_publisher = server.kv_publisher, None
+            await publisher.aclose()
 
     async def stop(self) -> None:
         """Stop every endpoint (idempotent)."""
+        if self._stopping:
+            await asyncio.gather(*self._stopping, return_exceptions=True)
         runners, self._runners = self._runners, []
         for runner in reversed(runners):
             await runner.cleanup()
+        for server in self.servers:
+            await self._close_server(server)
 
     async def __aenter__(self) -> SimFleet:
         await self.start()

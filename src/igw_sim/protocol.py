@@ -4,14 +4,16 @@ Parsing contract: every malformed or unsupported request raises :class:`ApiError
 status and an OpenAI-style error body (``{"error": {"message", "type", "param", "code"}}``); nothing
 else escapes. Supported prompts: for ``/v1/completions`` a string, a list of token ids, or a one-element
 list of either; for ``/v1/chat/completions`` a non-empty ``messages`` list (see
-:func:`igw_sim.tokenizer.render_chat`). A missing ``model`` means the first served model.
+:func:`igw_sim.tokenizer.render_chat`). A missing ``model`` means the first served model; a ``model``
+naming a loaded LoRA adapter selects that adapter. ``cache_salt`` (vLLM's extension) isolates a
+request's prefix-cache entries.
 """
 
 from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -41,7 +43,13 @@ DEFAULT_MAX_TOKENS = 16
 Kind = Literal["completion", "chat"]
 JsonObject = dict[str, Any]
 
-_ERROR_TYPES = {400: "BadRequestError", 404: "NotFoundError", 413: "BadRequestError", 429: "RateLimitError"}
+_ERROR_TYPES = {
+    400: "BadRequestError",
+    401: "AuthenticationError",
+    404: "NotFoundError",
+    413: "BadRequestError",
+    429: "RateLimitError",
+}
 
 
 class ApiError(Exception):
@@ -78,6 +86,11 @@ class GenerationRequest:
     max_tokens: int
     stream: bool
     include_usage: bool
+    continuous_usage: bool = False
+    """``stream_options.continuous_usage_stats``: every chunk carries ``usage``."""
+    lora: str | None = None
+    """The LoRA adapter named by ``model``, if any."""
+    cache_salt: str | None = None
 
 
 def parse_json(body: bytes) -> JsonObject:
@@ -91,11 +104,11 @@ def parse_json(body: bytes) -> JsonObject:
     return value
 
 
-def _model(payload: JsonObject, models: Sequence[str]) -> str:
+def _model(payload: JsonObject, models: Sequence[str], adapters: Collection[str] = ()) -> str:
     model = payload.get("model")
     if model is None:
         return models[0]
-    if not isinstance(model, str) or model not in models:
+    if not isinstance(model, str) or (model not in models and model not in adapters):
         raise ApiError(404, f"The model `{model}` does not exist.", param="model")
     return model
 
@@ -146,9 +159,14 @@ def _positive_int(payload: JsonObject, key: str) -> int | None:
     return value
 
 
-def parse_generation(payload: JsonObject, *, kind: Kind, models: Sequence[str]) -> GenerationRequest:
-    """Validate a ``/v1/completions`` (``kind="completion"``) or ``/v1/chat/completions`` payload."""
-    model = _model(payload, models)
+def parse_generation(
+    payload: JsonObject, *, kind: Kind, models: Sequence[str], adapters: Collection[str] = ()
+) -> GenerationRequest:
+    """Validate a ``/v1/completions`` (``kind="completion"``) or ``/v1/chat/completions`` payload.
+
+    The prompt is tokenized with its ids (the prefix cache needs them).
+    """
+    model = _model(payload, models, adapters)
     max_tokens = _positive_int(payload, "max_tokens")
     if kind == "chat":
         max_tokens = _positive_int(payload, "max_completion_tokens") or max_tokens
@@ -159,13 +177,20 @@ def parse_generation(payload: JsonObject, *, kind: Kind, models: Sequence[str]) 
     if options is not None and not isinstance(options, dict):
         raise ApiError(400, "`stream_options` must be an object.", param="stream_options")
     include_usage = bool(options and options.get("include_usage"))
+    continuous_usage = bool(options and options.get("continuous_usage_stats"))
+    cache_salt = payload.get("cache_salt")
+    if cache_salt is not None and (not isinstance(cache_salt, str) or not cache_salt):
+        raise ApiError(400, "`cache_salt` must be a non-empty string.", param="cache_salt")
     return GenerationRequest(
         kind=kind,
         model=model,
-        prompt=parse_prompt(payload, kind=kind),
+        prompt=parse_prompt(payload, kind=kind, with_ids=True),
         max_tokens=max_tokens or DEFAULT_MAX_TOKENS,
         stream=stream,
         include_usage=include_usage,
+        continuous_usage=continuous_usage,
+        lora=model if model not in models else None,
+        cache_salt=cache_salt,
     )
 
 
@@ -177,18 +202,24 @@ def new_id(kind: Kind) -> str:
     return f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex}"
 
 
-def usage_body(prompt_tokens: int, completion_tokens: int) -> JsonObject:
-    """The ``usage`` object (no prefix cache is simulated, so ``cached_tokens`` is always 0)."""
+def usage_body(prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) -> JsonObject:
+    """The ``usage`` object; ``cached_tokens`` are the prompt tokens found in the prefix cache."""
     return {
         "prompt_tokens": prompt_tokens,
         "total_tokens": prompt_tokens + completion_tokens,
         "completion_tokens": completion_tokens,
-        "prompt_tokens_details": {"cached_tokens": 0},
+        "prompt_tokens_details": {"cached_tokens": cached_tokens},
     }
 
 
 def completion_body(
-    req: GenerationRequest, *, rid: str, text: str, completion_tokens: int, finish_reason: str | None
+    req: GenerationRequest,
+    *,
+    rid: str,
+    text: str,
+    completion_tokens: int,
+    finish_reason: str | None,
+    cached_tokens: int = 0,
 ) -> JsonObject:
     """A whole (non-streaming) completion or chat completion."""
     choice: JsonObject
@@ -214,7 +245,7 @@ def completion_body(
         "created": int(time.time()),
         "model": req.model,
         "choices": [choice],
-        "usage": usage_body(req.prompt.count, completion_tokens),
+        "usage": usage_body(req.prompt.count, completion_tokens, cached_tokens),
     }
 
 
@@ -237,7 +268,9 @@ def chunk_body(
     }
 
 
-def usage_chunk_body(req: GenerationRequest, *, rid: str, created: int, completion_tokens: int) -> JsonObject:
+def usage_chunk_body(
+    req: GenerationRequest, *, rid: str, created: int, completion_tokens: int, cached_tokens: int = 0
+) -> JsonObject:
     """The final ``include_usage`` chunk: no choices, only ``usage``."""
     return {
         "id": rid,
@@ -245,5 +278,5 @@ def usage_chunk_body(req: GenerationRequest, *, rid: str, created: int, completi
         "created": created,
         "model": req.model,
         "choices": [],
-        "usage": usage_body(req.prompt.count, completion_tokens),
+        "usage": usage_body(req.prompt.count, completion_tokens, cached_tokens),
     }

@@ -27,10 +27,12 @@ __all__ = [
     "ChatFormatError",
     "count",
     "encode",
+    "generated_id",
     "generated_piece",
     "pieces",
     "render_chat",
     "seed_of",
+    "synthetic_ids",
 ]
 
 VOCAB_SIZE = 50_000
@@ -82,8 +84,7 @@ def count(text: str) -> int:
 
 def encode(text: str) -> list[int]:
     """Token ids of ``text``: one id per piece, each in ``[FIRST_ID, VOCAB_SIZE)``, stable across runs."""
-    span = VOCAB_SIZE - FIRST_ID
-    return [FIRST_ID + zlib.crc32(p.encode("utf-8", "surrogatepass")) % span for p in pieces(text)]
+    return [_piece_id(p) for p in pieces(text)]
 
 
 def generated_piece(seed: int, index: int) -> str:
@@ -92,6 +93,30 @@ def generated_piece(seed: int, index: int) -> str:
     Deterministic: the same ``(seed, index)`` always gives the same ``" word"``.
     """
     return " " + GENERATION_WORDS[(seed + index * 7919) % len(GENERATION_WORDS)]
+
+
+def _piece_id(piece: str) -> int:
+    return FIRST_ID + zlib.crc32(piece.encode("utf-8", "surrogatepass")) % (VOCAB_SIZE - FIRST_ID)
+
+
+_GENERATED_IDS: tuple[int, ...] = tuple(_piece_id(" " + word) for word in GENERATION_WORDS)
+
+
+def generated_id(seed: int, index: int) -> int:
+    """The token id of :func:`generated_piece` ``(seed, index)`` (``encode(piece) == [id]``)."""
+    return _GENERATED_IDS[(seed + index * 7919) % len(GENERATION_WORDS)]
+
+
+def synthetic_ids(count: int, salt: int) -> list[int]:
+    """``count`` pseudo-random ids for a prompt given only by its length; different salts give
+    different first tokens, so such prompts never share a cached prefix."""
+    span = VOCAB_SIZE - FIRST_ID
+    state = (salt * 2_654_435_761 + 1) & 0xFFFFFFFF
+    out: list[int] = []
+    for _ in range(count):
+        state = (state * 1_103_515_245 + 12_345) & 0x7FFFFFFF
+        out.append(FIRST_ID + state % span)
+    return out
 
 
 def _content_text(content: object) -> str:
