@@ -195,8 +195,9 @@ def _validate_command(args: argparse.Namespace) -> int:
 
     import yaml
 
-    from igw.app.epp import load_config
+    from igw.app.epp import build_collector, load_config
     from igw.config.pool import ConfigError, load_pool
+    from igw.config.settings import EppSettings
     from igw.datalayer.store import EndpointStore
 
     source = "stdin" if args.file == "-" else args.file
@@ -210,6 +211,10 @@ def _validate_command(args: argparse.Namespace) -> int:
         store = EndpointStore(pool_name=pool.name)
         store.set_endpoints(pool.build())
     config = load_config(text, store, source=source)
+    try:
+        build_collector(EppSettings(), store, config)
+    except ConfigError as exc:
+        raise ConfigError(f"{source}: {exc}") from None
     if not args.quiet:
         print(f"# {source}: valid; effective configuration:")
         print(yaml.safe_dump(config.describe(), sort_keys=False), end="")

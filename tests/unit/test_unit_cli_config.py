@@ -55,3 +55,19 @@ def test_validate_reports_one_line_errors(
 def test_validate_missing_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["config", "validate", str(tmp_path / "missing.yaml")]) == 2
     assert "cannot read configuration file" in capsys.readouterr().err
+
+
+def test_validate_checks_the_data_layer(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = tmp_path / "two-sources.yaml"
+    path.write_text(
+        "plugins:\n- type: metrics-data-source\n  name: a\n- type: metrics-data-source\n  name: b\n"
+        "dataLayer:\n  sources: [{pluginRef: a}, {pluginRef: b}]\n"
+    )
+    assert main(["config", "validate", str(path)]) == 2
+    assert "one metrics data source, 2 given" in capsys.readouterr().err
+    path.write_text(
+        "plugins:\n- type: core-metrics-extractor\n  parameters:\n    defaultEngine: sglang\n"
+        "    engineConfigs: [{name: mine, queuedRequestsSpec: 'my_queue{kind=\"waiting\"}'}]\n"
+        "dataLayer:\n  sources: [{pluginRef: metrics-data-source, extractors: [{pluginRef: core-metrics-extractor}]}]\n"
+    )
+    assert main(["config", "validate", str(path), "--quiet"]) == 0

@@ -414,7 +414,8 @@ def test_examples_exist() -> None:
 
 def test_prefix_parameters_on_the_scorer_reach_the_default_producer() -> None:
     config = load(
-        HEAD + "plugins:\n- type: prefix-cache-scorer\n  parameters: {blockSizeTokens: 32, maxPrefixBlocksToMatch: 64}\n"
+        HEAD
+        + "plugins:\n- type: prefix-cache-scorer\n  parameters: {blockSizeTokens: 32, maxPrefixBlocksToMatch: 64}\n"
     )
     (producer,) = config.producers
     assert producer.describe()["blockSizeTokens"] == 32

@@ -21,10 +21,12 @@ from igw.accounting.tracker import RequestTracker
 from igw.api.types import EndpointState
 from igw.app import plugins as _plugins  # registers every plugin type
 from igw.config.loader import EppConfig, load_text
-from igw.config.pool import PoolSpec
+from igw.config.pool import ConfigError, PoolSpec
 from igw.config.settings import EppSettings
 from igw.datalayer.collector import MetricsCollector
+from igw.datalayer.extractors import CoreMetricsExtractor
 from igw.datalayer.objectives import ObjectiveStore
+from igw.datalayer.sources import MetricsDataSource
 from igw.datalayer.store import EndpointStore
 from igw.extproc.server import start_extproc_server
 from igw.flowcontrol.admission import Admission
@@ -60,6 +62,23 @@ def load_config(text: str | None, store: EndpointStore, *, source: str = "config
     """Both loading phases over the store's pool (``None``: the default configuration)."""
     assert _plugins.known_types()
     return load_text(text, StoreHandle(store), source=source)
+
+
+def build_collector(settings: EppSettings, store: EndpointStore, config: EppConfig) -> MetricsCollector:
+    """The metrics collector the configuration's ``dataLayer`` section asks for (none: off)."""
+    if not config.data_sources:
+        return MetricsCollector(store, settings.datalayer, enabled=False)
+    if len(config.data_sources) > 1:
+        names = ", ".join(s.source.name for s in config.data_sources)
+        raise ConfigError(f"dataLayer: igw scrapes one metrics data source, {len(config.data_sources)} given ({names})")
+    (ds,) = config.data_sources
+    if not isinstance(ds.source, MetricsDataSource):
+        raise ConfigError(f"dataLayer: {ds.source.name!r} (type {ds.source.type_name}) is not a metrics data source")
+    if len(ds.extractors) > 1 or not all(isinstance(e, CoreMetricsExtractor) for e in ds.extractors):
+        raise ConfigError(f"dataLayer source {ds.source.name!r}: give one core-metrics-extractor (or none)")
+    extractor = ds.extractors[0] if ds.extractors else None
+    assert extractor is None or isinstance(extractor, CoreMetricsExtractor)
+    return MetricsCollector(store, settings.datalayer, source=ds.source, extractor=extractor)
 
 
 def build_director(
@@ -123,7 +142,7 @@ class Epp:
         self.objectives = ObjectiveStore(pool.priorities())
         self.config = load_config(config_text, self.store, source=config_source)
         self.metrics.watch_pool(pool.name, self.store.endpoints)
-        self.collector = MetricsCollector(self.store, settings.datalayer)
+        self.collector = build_collector(settings, self.store, self.config)
         self.director = build_director(settings, self.store, self.metrics, self.config, objectives=self.objectives)
         self.tracker = self.director.tracker
         self.health = HealthState()

@@ -6,7 +6,8 @@ availability check reads both.
 
 The configuration's ``dataLayer`` section maps onto it: the ``metrics-data-source`` plugin says
 how to fetch (scheme, path, TLS), the ``core-metrics-extractor`` plugin which engine's names
-apply to each endpoint; ``sources: []`` is ``enabled=False`` (no scraping at all).
+apply to each endpoint; ``sources: []`` is ``enabled=False`` (no scraping at all). The path
+scraped is the source's ``path``, else ``DataLayerSettings.metrics_path``, else the engine's own.
 """
 
 from __future__ import annotations
@@ -72,7 +73,7 @@ class MetricsCollector:
             return
         wanted = {state.address: state.endpoint for state in self._store.endpoints()}
         for address in list(self._tasks):
-            if wanted.get(address) != self._scraping.get(address):  # gone, or redefined (engine, path)
+            if wanted.get(address) != self._scraping.get(address):  # gone, or redefined (engine, labels)
                 self._tasks.pop(address).cancel()
                 del self._scraping[address]
         for address, endpoint in wanted.items():

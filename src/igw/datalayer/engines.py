@@ -176,7 +176,8 @@ class EngineConfig:
 
     name: str
     queued: tuple[MetricSpec, ...] = ()
-    """Tried in order: a later spec is read only when no earlier one had a sample."""
+    """Specs tried in order (also for ``running`` and ``kv_usage``): a later one is read only
+    when no earlier one had a sample. From spec strings there is one; built-ins may add more."""
     running: tuple[MetricSpec, ...] = ()
     kv_usage: tuple[MetricSpec, ...] = ()
     lora: MetricSpec | None = None

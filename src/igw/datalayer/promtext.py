@@ -18,6 +18,10 @@ from igw.api.types import EndpointMetrics
 from igw.datalayer.engines import EngineConfig, Field, Source
 
 _NAME_END = frozenset(("{", " ", "\t"))
+# Enum members as module globals: ``Field.X`` is an ~80 ns class attribute lookup, and this
+# module's loops run for every wanted line of every scrape.
+_WAITING, _RUNNING, _KV_USAGE = Field.WAITING, Field.RUNNING, Field.KV_USAGE
+_BLOCK_SIZE, _NUM_GPU_BLOCKS, _LORA = Field.BLOCK_SIZE, Field.NUM_GPU_BLOCKS, Field.LORA
 _LABEL = re.compile(r'([a-zA-Z_][a-zA-Z0-9_]*)\s*=\s*"((?:[^"\\]|\\.)*)"')
 
 
@@ -50,29 +54,30 @@ class MetricsReader:
     earlier one had a sample.
     """
 
-    __slots__ = ("_plan",)
+    __slots__ = ("_lora", "_plan")
 
     def __init__(self, engine: EngineConfig) -> None:
         by_name: dict[str, list[Source]] = {}
         for src in engine.sources():
             by_name.setdefault(src.metric, []).append(src)
-        # Per name: its sources, and the fields that make scanning it unnecessary once all are
-        # found (never for LoRA: every series of that name must be seen to find the newest).
-        self._plan: tuple[tuple[str, tuple[Source, ...], frozenset[Field] | None], ...] = tuple(
-            (
-                name,
-                tuple(srcs),
-                None if any(s.field is Field.LORA for s in srcs) else frozenset(s.field for s in srcs),
-            )
-            for name, srcs in by_name.items()
-        )
+        plan: list[tuple[str, tuple[Source, ...], tuple[Field, ...], bool]] = []
+        seen: set[Field] = set()
+        for name, srcs in by_name.items():
+            fields = tuple(dict.fromkeys(s.field for s in srcs))
+            # ``fields``: once all are found, the scan of this name stops (never for LoRA: every
+            # series must be seen to find the newest). ``fallback``: some field has a source
+            # under an earlier name, so the scan may be skipped altogether.
+            plan.append((name, tuple(srcs), () if Field.LORA in fields else fields, not seen.isdisjoint(fields)))
+            seen.update(fields)
+        self._plan = tuple(plan)
+        self._lora = Field.LORA in seen
 
     def read(self, text: str, *, now: float) -> EndpointMetrics:
         found: dict[Field, float] = {}
-        lora = _Newest()
-        for name, sources, fields in self._plan:
-            if fields is not None and fields <= found.keys():
-                continue  # a fallback name whose fields an earlier name gave: no scan at all
+        lora = _Newest() if self._lora else _NO_NEWEST
+        for name, sources, fields, fallback in self._plan:
+            if fallback and _all_found(fields, found):
+                continue  # e.g. vLLM's legacy KV name when the new one had a sample: no scan at all
             # Jump from one occurrence of the name to the next (a C-speed scan) and look only at
             # the lines that start with it: the rest of the page is never split or parsed.
             size = len(name)
@@ -82,21 +87,28 @@ class MetricsReader:
                 if (at == 0 or text[at - 1] == "\n") and text[after : after + 1] in _NAME_END:
                     eol = text.find("\n", after)
                     _read_sample(text[after : eol if eol != -1 else len(text)], sources, found, lora)
-                    if fields is not None and fields <= found.keys():
+                    if fields and _all_found(fields, found):
                         break
                 at = text.find(name, after)
         max_lora, running_adapters, waiting_adapters = _NO_LORA if lora.labels is None else lora_info(lora.labels)
         return EndpointMetrics(
-            waiting=found.get(Field.WAITING, 0.0),
-            running=found.get(Field.RUNNING, 0.0),
-            kv_usage=min(max(found.get(Field.KV_USAGE, 0.0), 0.0), 1.0),
-            block_size=_int_or_none(found.get(Field.BLOCK_SIZE)),
-            num_gpu_blocks=_int_or_none(found.get(Field.NUM_GPU_BLOCKS)),
+            waiting=found.get(_WAITING, 0.0),
+            running=found.get(_RUNNING, 0.0),
+            kv_usage=min(max(found.get(_KV_USAGE, 0.0), 0.0), 1.0),
+            block_size=_int_or_none(found.get(_BLOCK_SIZE)),
+            num_gpu_blocks=_int_or_none(found.get(_NUM_GPU_BLOCKS)),
             scraped_at=now,
             max_lora=max_lora,
             running_adapters=running_adapters,
             waiting_adapters=waiting_adapters,
         )
+
+
+def _all_found(fields: tuple[Field, ...], found: dict[Field, float]) -> bool:
+    for field in fields:  # noqa: SIM110  (a generator in all() costs more on this path)
+        if field not in found:
+            return False
+    return True
 
 
 class _Newest:
@@ -107,6 +119,10 @@ class _Newest:
     def __init__(self) -> None:
         self.value = -math.inf
         self.labels: dict[str, str] | None = None
+
+
+_NO_NEWEST = _Newest()
+"""Shared by readers without a LoRA spec: nothing ever writes to it."""
 
 
 def _read_sample(rest: str, sources: tuple[Source, ...], found: dict[Field, float], lora: _Newest) -> None:
@@ -123,12 +139,12 @@ def _read_sample(rest: str, sources: tuple[Source, ...], found: dict[Field, floa
         field = src.field
         if field in found:
             continue
-        if src.match or src.label or field is Field.LORA:
+        if src.match or src.label or field is _LORA:
             if labels is None:
                 labels = parse_labels(label_text)
             if any(labels.get(k, "") != v for k, v in src.match):  # PromQL: "" matches a missing label
                 continue
-        if field is Field.LORA:
+        if field is _LORA:
             value = _number(rest.split()[:1])
             if value is not None and value > lora.value:
                 lora.value, lora.labels = value, labels
