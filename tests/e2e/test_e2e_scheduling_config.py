@@ -1,14 +1,17 @@
 """EndpointPickerConfig profiles through a real Envoy: filters, affinity, explanations, shedding,
-prefix affinity with the default configuration, and the recent-decisions endpoint."""
+prefix affinity with the default configuration, the recent-decisions endpoint, LoRA affinity."""
 
 from __future__ import annotations
 
+import asyncio
+
 import aiohttp
 import orjson
-from e2e_support import GatewayFactory, chat
+from e2e_support import GatewayFactory, chat, eventually
 
 from igw.config.pool import PoolSpec, parse_pool
 from igw.config.settings import BodyMode, ObservabilitySettings
+from igw_sim.config import EngineConfig
 from igw_sim.fleet import SimFleet
 
 HEAD = "apiVersion: inference.networking.x-k8s.io/v1alpha1\nkind: EndpointPickerConfig\n"
@@ -119,3 +122,46 @@ async def test_default_configuration_keeps_a_shared_prefix_on_one_endpoint(
             assert r.status == 200
             served.append(r.headers["x-igw-sim-endpoint"])
     assert len(set(served)) == 1, served
+
+
+LORA = (
+    HEAD
+    + """\
+plugins:
+- type: lora-affinity-scorer
+- type: queue-scorer
+schedulingProfiles:
+- name: default
+  plugins:
+  - {pluginRef: lora-affinity-scorer, weight: 10}
+  - {pluginRef: queue-scorer, weight: 1}
+"""
+)
+
+
+async def test_lora_affinity_follows_the_adapters_the_servers_report(
+    start_gateway: GatewayFactory, http: aiohttp.ClientSession
+) -> None:
+    engine = EngineConfig(max_num_seqs=8, prefill_overhead_ms=1, prefill_ms_per_token=0.0, itl_ms=40, max_loras=1,
+                          lora_modules=(("sql-lora", "/adapters/sql"), ("chat-lora", "/adapters/chat")))  # fmt: skip
+    async with SimFleet(ports=[0, 0, 0], engine=engine) as lora_fleet:
+        gw = await start_gateway(lora_fleet.addresses, config_text=LORA, body_mode=BodyMode.BUFFERED)
+
+        async def ask(model: str, tokens: int) -> str:
+            body = {"model": model, "messages": [{"role": "user", "content": "q"}], "max_tokens": tokens}
+            async with http.post(f"{gw.url}/v1/chat/completions", json=body) as r:
+                assert r.status == 200, await r.text()
+                return r.headers["x-igw-sim-endpoint"]
+
+        # A long sql-lora request occupies the only adapter slot of one server...
+        long_sql = asyncio.ensure_future(ask("sql-lora", 60))
+        await eventually(lambda: any(e.running for e in lora_fleet.engines), within=3.0)
+        sql_home = next(a for a, e in zip(lora_fleet.addresses, lora_fleet.engines, strict=True) if e.running)
+        await asyncio.sleep(0.2)  # a few scrapes: the EPP sees sql-lora running there
+        # ... further sql-lora requests join it (adapter active: 10 x 1.0 against 10 x 0.8 + at most 1 for the queue),
+        sql = await asyncio.gather(*(ask("sql-lora", 2) for _ in range(4)))
+        # ... and chat-lora requests stay away from the server whose slot is taken (0.0 there).
+        chat = await asyncio.gather(*(ask("chat-lora", 2) for _ in range(4)))
+        assert await long_sql == sql_home
+        assert set(sql) == {sql_home}
+        assert sql_home not in chat
