@@ -420,3 +420,29 @@ def test_prefix_parameters_on_the_scorer_reach_the_default_producer() -> None:
     (producer,) = config.producers
     assert producer.describe()["blockSizeTokens"] == 32
     assert producer.describe()["maxPrefixBlocksToMatch"] == 64
+
+
+def test_prefix_parameters_on_the_scorer_are_reported_when_a_producer_is_configured(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    load(
+        HEAD + "plugins:\n- type: approx-prefix-cache-producer\n"
+        "- type: prefix-cache-scorer\n  parameters: {lruCapacityPerServer: 1000}\n"
+    )
+    assert "lruCapacityPerServer of 'prefix-cache-scorer' are ignored" in caplog.text
+
+
+@pytest.mark.parametrize(
+    ("params", "expected"),
+    [
+        ("{maxPrefixTokensToMatch: 1024}", {"maxPrefixBlocksToMatch": 64}),
+        ("{hashBlockSize: 128}", {"blockSizeTokens": 32}),
+        ("{blockSizeTokens: 8, maxPrefixTokensToMatch: 80, maxPrefixBlocksToMatch: 3}", {"maxPrefixBlocksToMatch": 10}),
+    ],
+    ids=["tokens-to-match", "v1.0-hash-block-size", "tokens-win"],
+)
+def test_other_reference_prefix_parameters(params: str, expected: dict[str, int]) -> None:
+    config = load(HEAD + f"plugins:\n- type: prefix-cache-scorer\n  parameters: {params}\n")
+    (producer,) = config.producers
+    for key, value in expected.items():
+        assert producer.describe()[key] == value

@@ -787,3 +787,28 @@ def test_scorer_keeps_legacy_producer_parameters() -> None:
 def test_scorer_bad_parameters(params: dict[str, Any], needle: str) -> None:
     with pytest.raises(registry.PluginError, match=needle):
         registry.create("prefix-cache-scorer", None, params)
+
+
+@pytest.mark.parametrize(
+    ("path", "body"),
+    [
+        ("/v1/responses", {"model": "m", "input": 5}),
+        ("/v1/responses", {"model": "m", "input": True}),
+        ("/v1/responses", {"model": "m", "input": {"role": "user", "content": "x" * 200}}),
+        (
+            "/v1/chat/completions",
+            {"model": "m", "messages": [{"role": "user", "content": [{"type": ["x"], "text": "y" * 200}]}]},
+        ),
+        ("/v1/chat/completions", {"model": "m", "messages": [{"role": "user", "content": [{"type": {"a": 1}}]}]}),
+        ("/v1/chat/completions", {"model": "m", "messages": "not a list"}),
+        ("/v1/conversations", {"model": "m", "items": 3}),
+    ],
+    ids=["int-input", "bool-input", "dict-input", "list-type", "dict-type", "string-messages", "int-items"],
+)
+@pytest.mark.parametrize("scheme", ["rendered", "reference"])
+def test_odd_but_valid_json_bodies_hash_without_errors(path: str, body: dict[str, object], scheme: str) -> None:
+    from igw.scheduling.plugins.prefix_producer import reference_input, rendered_input
+
+    request = InferenceRequest(request_id="r", model="m", path=path, body_size=100, body=body)
+    data = (rendered_input if scheme == "rendered" else reference_input)(request, 4096)
+    assert isinstance(data, bytes)

@@ -8,7 +8,7 @@ from collections.abc import Sequence
 import pytest
 
 import igw.scheduling.plugins  # noqa: F401  (registers the built-in plugin types)
-from igw.api.errors import NoEndpoint
+from igw.api.errors import NoEndpoint, SchedulingFailed
 from igw.api.types import Endpoint, EndpointMetrics, EndpointState, InferenceRequest
 from igw.framework import registry
 from igw.framework.scheduling import (
@@ -360,7 +360,7 @@ def test_scheduler_empty_candidates_is_no_endpoint() -> None:
 
 def test_scheduler_filter_leaving_nothing_names_the_filter() -> None:
     scorer = Const("s", [1.0])
-    with pytest.raises(NoEndpoint, match="test-drop-first"):
+    with pytest.raises(SchedulingFailed, match="test-drop-first"):
         Scheduler(profile(WeightedScorer(scorer), filters=(DropFirst(),))).schedule(REQ, [state(1)])
     assert scorer.calls == []
 
@@ -374,7 +374,7 @@ def test_scheduler_scores_only_filtered_candidates() -> None:
 
 
 def test_scheduler_empty_pick_is_no_endpoint() -> None:
-    with pytest.raises(NoEndpoint, match="test-no-pick"):
+    with pytest.raises(SchedulingFailed, match="test-no-pick"):
         Scheduler(profile(picker=NoPick())).schedule(REQ, [state(1)])
 
 

@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from igw.api.errors import NoEndpoint
+from igw.api.errors import SchedulingFailed
 from igw.api.load import estimate_tokens
 from igw.api.types import Endpoint, EndpointMetrics, EndpointState, InferenceRequest
 from igw.framework import registry
@@ -258,19 +258,20 @@ def charged(request_id: str, body_size: int = 40) -> InferenceRequest:
 
 def test_producer_charges_the_primary_and_releases_on_completion() -> None:
     producer = InflightLoadProducer()
-    producer.pre_request(charged("a"), result_for(addr(1), addr(2)))
-    producer.pre_request(charged("b"), result_for(addr(1)))
-    producer.pre_request(charged("c", body_size=400), result_for(addr(2)))
+    a, b, c = charged("a"), charged("b"), charged("c", body_size=400)
+    producer.pre_request(a, result_for(addr(1), addr(2)))
+    producer.pre_request(b, result_for(addr(1)))
+    producer.pre_request(c, result_for(addr(2)))
     assert producer.load == {addr(1): 50, addr(2): 250}
 
     req = request()
     producer.prepare(req, states([{}, {}, {}]))
-    assert req.data[INFLIGHT_LOAD] == {addr(1): 50, addr(2): 250, addr(3): 0}
+    assert req.data[INFLIGHT_LOAD] == {addr(1): 50, addr(2): 250}  # live mapping: absent means 0
 
-    producer.on_response_complete(charged("a"), addr(1))
+    producer.on_response_complete(a, addr(1))
     assert producer.load == {addr(1): 25, addr(2): 250}
-    producer.on_response_complete(charged("b"), addr(1))
-    producer.on_response_complete(charged("c", body_size=400), addr(2))
+    producer.on_response_complete(b, addr(1))
+    producer.on_response_complete(c, addr(2))
     assert producer.load == {}
 
 
@@ -278,30 +279,45 @@ def test_producer_ignores_completions_it_never_charged_and_never_goes_negative()
     producer = InflightLoadProducer()
     producer.on_response_complete(charged("ghost"), addr(1))
     assert producer.load == {}
-    producer.pre_request(charged("a"), result_for(addr(1)))
+    a = charged("a")
+    producer.pre_request(a, result_for(addr(1)))
     producer.on_response_complete(charged("ghost"), addr(1))
-    producer.on_response_complete(charged("a"), addr(1))
-    producer.on_response_complete(charged("a"), addr(1))  # twice: the second is a no-op
+    producer.on_response_complete(a, addr(1))
+    producer.on_response_complete(a, addr(1))  # twice: the second is a no-op
     assert producer.load == {}
     req = request()
     producer.prepare(req, [state(1)])
-    assert req.data[INFLIGHT_LOAD] == {addr(1): 0}
+    assert req.data[INFLIGHT_LOAD] == {}
 
 
 def test_producer_releases_from_the_charged_endpoint_after_a_fallback() -> None:
     producer = InflightLoadProducer()
-    producer.pre_request(charged("a"), result_for(addr(1)))
+    a = charged("a")
+    producer.pre_request(a, result_for(addr(1)))
     producer.pre_request(charged("b"), result_for(addr(2)))
-    producer.on_response_complete(charged("a"), addr(2))  # the proxy fell back to endpoint 2
+    producer.on_response_complete(a, addr(2))  # the proxy fell back to endpoint 2
     assert producer.load == {addr(2): 25}
 
 
-def test_producer_same_request_id_twice_keeps_one_charge() -> None:
+def test_producer_counts_requests_that_share_a_client_request_id_separately() -> None:
     producer = InflightLoadProducer()
-    producer.pre_request(charged("a"), result_for(addr(1)))
-    producer.pre_request(charged("a"), result_for(addr(2)))
+    first, second = charged("a"), charged("a")  # a client reusing its x-request-id
+    producer.pre_request(first, result_for(addr(1)))
+    producer.pre_request(second, result_for(addr(2)))
+    assert producer.load == {addr(1): 25, addr(2): 25}
+    producer.on_response_complete(first, addr(1))
     assert producer.load == {addr(2): 25}
-    producer.on_response_complete(charged("a"), addr(2))
+    producer.on_response_complete(second, addr(2))
+    assert producer.load == {}
+
+
+def test_producer_charging_the_same_request_twice_keeps_one_charge() -> None:
+    producer = InflightLoadProducer()
+    a = charged("a")
+    producer.pre_request(a, result_for(addr(1)))
+    producer.pre_request(a, result_for(addr(2)))
+    assert producer.load == {addr(2): 25}
+    producer.on_response_complete(a, addr(2))
     assert producer.load == {}
 
 
@@ -317,8 +333,9 @@ def test_producer_drops_removed_endpoints_on_pool_change() -> None:
     producer = registry.create("inflight-load-producer", handle=handle)
     assert isinstance(producer, InflightLoadProducer)
     assert len(handle.listeners) == 1
-    producer.pre_request(charged("a"), result_for(addr(1)))
-    producer.pre_request(charged("b"), result_for(addr(2)))
+    a, b, c = charged("a"), charged("b"), charged("c")
+    producer.pre_request(a, result_for(addr(1)))
+    producer.pre_request(b, result_for(addr(2)))
 
     pool.pop()  # endpoint 2 leaves the pool
     handle.listeners[0]()
@@ -326,11 +343,11 @@ def test_producer_drops_removed_endpoints_on_pool_change() -> None:
 
     pool.append(state(2))  # and comes back under the same address: it starts from zero
     handle.listeners[0]()
-    producer.pre_request(charged("c"), result_for(addr(2)))
-    producer.on_response_complete(charged("b"), addr(2))  # its old charge was dropped
+    producer.pre_request(c, result_for(addr(2)))
+    producer.on_response_complete(b, addr(2))  # its old charge was dropped
     assert producer.load == {addr(1): 25, addr(2): 25}
-    producer.on_response_complete(charged("c"), addr(2))
-    producer.on_response_complete(charged("a"), addr(1))
+    producer.on_response_complete(c, addr(2))
+    producer.on_response_complete(a, addr(1))
     assert producer.load == {}
 
 
@@ -684,7 +701,7 @@ def test_single_profile_handler_runs_the_profile_once() -> None:
 
 
 def test_single_profile_handler_no_endpoint_names_the_profile() -> None:
-    with pytest.raises(NoEndpoint, match="'decode'"):
+    with pytest.raises(SchedulingFailed, match="'decode'"):
         SingleProfileHandler().process_results(REQ, {"decode": None})
 
 
@@ -714,7 +731,7 @@ def test_single_profile_handler_in_the_scheduler() -> None:
 
     drop_all = LabelSelectorFilter(match_labels={"role": "none"})
     empty = Scheduler(SchedulerProfile("x", (drop_all,), (), MaxScorePicker()), handler)
-    with pytest.raises(NoEndpoint, match="label-selector-filter"):
+    with pytest.raises(SchedulingFailed, match="label-selector-filter"):
         empty.schedule(REQ, [state(1)])
 
 
@@ -857,3 +874,22 @@ def test_all_scores_stay_in_unit_range() -> None:
         scores = scorer.score(req, candidates)
         assert len(scores) == len(candidates)
         assert in_unit_range(scores), scorer
+
+
+def test_max_score_picker_with_fallbacks_breaks_ties_at_random() -> None:
+    picker = MaxScorePicker(max_endpoints=3, rng=random.Random(7))
+    cands = states([{}] * 5)
+    firsts: Counter[str] = Counter()
+    thirds: Counter[str] = Counter()
+    for _ in range(3000):
+        picked = picker.pick(request(), cands, [2.0, 1.0, 2.0, 1.0, 1.0])
+        assert {picked[0].address, picked[1].address} == {addr(1), addr(3)}
+        firsts[picked[0].address] += 1
+        thirds[picked[2].address] += 1
+    assert set(firsts) == {addr(1), addr(3)}
+    assert min(firsts.values()) > 1300
+    assert set(thirds) == {addr(2), addr(4), addr(5)}
+    assert min(thirds.values()) > 850
+    all_tied = Counter(e.address for _ in range(2000) for e in picker.pick(request(), cands, [1.0] * 5))
+    assert set(all_tied) == {addr(i) for i in range(1, 6)}
+    assert min(all_tied.values()) > 1000  # each is in 3 of 5 picks: ~1200

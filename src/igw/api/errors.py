@@ -8,6 +8,7 @@ is the single place that turns them into an HTTP status for the proxy::
     ├── ModelNotFound             (404) the pool declares its models and this is not one
     ├── PayloadTooLarge           (413) body over ``max_request_body_bytes``
     ├── Shed                      (429) rejected by admission or flow control
+    ├── SchedulingFailed          (429) the scheduler's filters or picker left no endpoint
     └── NoEndpoint                (503) no endpoint can take the request
 """
 
@@ -50,6 +51,12 @@ class PayloadTooLarge(IgwError):
 
 
 class Shed(IgwError):
+    code = ErrorCode.RESOURCE_EXHAUSTED
+
+
+class SchedulingFailed(IgwError):
+    """Candidates existed, but the scheduling profile ended with none (the reference's 429)."""
+
     code = ErrorCode.RESOURCE_EXHAUSTED
 
 

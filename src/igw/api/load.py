@@ -29,10 +29,11 @@ def estimate_tokens(request: InferenceRequest) -> int:
 class InflightLedger:
     """Tokens charged per endpoint, released exactly once per request.
 
-    A charge is remembered under the request id and released from the endpoint it was charged
+    A charge is remembered under the request's unique ``key`` (client-chosen request ids may
+    repeat) and released from the endpoint it was charged
     to, even if the request was served elsewhere (a fallback): releasing from the other
-    endpoint would leave the charge stuck. Releasing an unknown request does nothing; counts
-    never go below zero. Charging the same id twice replaces the first charge.
+    endpoint would leave the charge stuck. Releasing an unknown key does nothing; counts
+    never go below zero. Charging the same key twice replaces the first charge.
     """
 
     __slots__ = ("_charges", "load")
@@ -40,15 +41,15 @@ class InflightLedger:
     def __init__(self) -> None:
         self.load: dict[str, int] = {}
         """Tokens in flight per endpoint address (only addresses with a load)."""
-        self._charges: dict[str, tuple[str, int]] = {}
+        self._charges: dict[int, tuple[str, int]] = {}
 
-    def charge(self, request_id: str, address: str, tokens: int) -> None:
-        self.release(request_id)
+    def charge(self, key: int, address: str, tokens: int) -> None:
+        self.release(key)
         self.load[address] = self.load.get(address, 0) + tokens
-        self._charges[request_id] = (address, tokens)
+        self._charges[key] = (address, tokens)
 
-    def release(self, request_id: str) -> None:
-        charge = self._charges.pop(request_id, None)
+    def release(self, key: int) -> None:
+        charge = self._charges.pop(key, None)
         if charge is None:
             return
         address, tokens = charge

@@ -6,6 +6,7 @@ scheduling pass never sees half-updated numbers.
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
@@ -133,6 +134,8 @@ class InferenceRequest:
     """The decoded JSON body (read-only for plugins), when the parser decoded one."""
     data: dict[str, Any] = field(default_factory=dict)
     """Per-request data written by DataProducers, keyed by data name (``PrefixCacheMatchInfo``...)."""
+    key: int = field(default_factory=itertools.count().__next__)
+    """Unique in this process (client-chosen request ids may repeat): for per-request bookkeeping."""
 
     @property
     def effective_model(self) -> str | None:

@@ -106,6 +106,7 @@ def build_director(
             lambda: tracker.inflight,
             detector=config.saturation_detector,
             admitters=config.admitters,
+            metrics=metrics.plugins,
         ),
         scheduler=Scheduler(config.profiles, config.profile_handler, metrics=metrics.plugins),
         tracker=tracker,

@@ -176,6 +176,8 @@ class _Builder:
         self.source = source
         self.plugins: dict[str, Plugin] = {}
         self.added: list[str] = []
+        self._params_used: set[str] = set()
+        """Consumers whose ``producer_params`` built their default producer."""
 
     def error(self, message: str) -> ConfigError:
         return ConfigError(f"{self.source}: {message}")
@@ -364,10 +366,17 @@ class _Builder:
             where = f"data {key!r} consumed by {consumer.name!r}"
             if default not in self.plugins and consumer.producer_params:
                 self.plugins[default] = self._create(default, default, consumer.producer_params)
+                self._params_used.add(consumer.name)
                 self.added.append(f"{default} ({where}, with its parameters)")
             producer = self._resolve(default, DataProducer, where)
             if key not in producer.produces:
                 raise self.error(f"plugin {consumer.name!r} consumes {key!r}, which {default!r} does not produce")
+        for plugin in self.plugins.values():
+            if plugin.producer_params and plugin.name not in self._params_used:
+                log.warning(
+                    "%s: parameters %s of %r are ignored: a configured producer provides its data",
+                    self.source, ", ".join(sorted(plugin.producer_params)), plugin.name,
+                )  # fmt: skip
         producers = [p for p in self.plugins.values() if isinstance(p, DataProducer)]
         makers: dict[str, list[str]] = {}
         for p in producers:

@@ -159,7 +159,7 @@ class ConcurrencyDetector(SaturationDetector, Filter, PreRequest, ResponseComple
     # -- token accounting (tokens mode) ---------------------------------------------------------
     def pre_request(self, request: InferenceRequest, result: SchedulingResult) -> None:
         if self.mode is ConcurrencyMode.TOKENS and result.endpoints:
-            self.ledger.charge(request.request_id, result.endpoints[0].address, estimate_tokens(request))
+            self.ledger.charge(request.key, result.endpoints[0].address, estimate_tokens(request))
 
     def on_response_complete(self, request: InferenceRequest, endpoint: str) -> None:
-        self.ledger.release(request.request_id)
+        self.ledger.release(request.key)

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 from igw.accounting.tracker import RequestTracker
 from igw.api.context import RequestContext
-from igw.api.errors import IgwError, ModelNotFound, NoEndpoint
+from igw.api.errors import IgwError, ModelNotFound, NoEndpoint, SchedulingFailed
 from igw.api.protocol import OBJECTIVE_HEADER
 from igw.api.types import EndpointState, InferenceRequest
 from igw.datalayer.objectives import ObjectiveStore
@@ -101,7 +101,7 @@ class Director:
     async def handle_request(self, ctx: RequestContext, body: bytes) -> RouteDecision:
         """Decide where the request goes; raise an :class:`IgwError` to refuse it."""
         t0 = self._clock()
-        # 1 parsing: body -> InferenceRequest
+        # 1 parsing: body -> InferenceRequest (a BadRequest is the client's; anything else a 500)
         try:
             request = self.parser.parse(body, path=ctx.path, request_id=ctx.request_id, headers=ctx.headers)
         except IgwError:
@@ -112,6 +112,7 @@ class Director:
         ctx.request = request
         t1 = self._clock()
         self._t_parse.observe(t1 - t0)
+        self._parse.observe(t1 - t0)
         return self._route(ctx, request, t1)
 
     def handle_headers_only(self, ctx: RequestContext) -> RouteDecision:
@@ -141,7 +142,7 @@ class Director:
         # 6 scheduling: profile handler -> filters -> weighted scorers -> picker
         try:
             result = self.scheduler.schedule(request, candidates)
-        except NoEndpoint:
+        except (NoEndpoint, SchedulingFailed):
             self.metrics.scheduler_attempts.labels("failure").inc()
             raise
         self.metrics.scheduler_attempts.labels("success").inc()

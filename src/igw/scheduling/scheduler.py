@@ -16,7 +16,7 @@ from itertools import repeat
 from operator import add, mul
 from typing import ParamSpec, TypeVar
 
-from igw.api.errors import NoEndpoint
+from igw.api.errors import NoEndpoint, SchedulingFailed
 from igw.api.types import EndpointState, InferenceRequest
 from igw.framework.scheduling import Filter, Picker, ProfileHandler, SchedulerProfile, SchedulingResult, Scorer
 from igw.observability.metrics import PluginMetrics, TimedPlugin
@@ -67,14 +67,15 @@ class Scheduler:
         return next(iter(self.profiles.values()))
 
     def schedule(self, request: InferenceRequest, candidates: Sequence[EndpointState]) -> SchedulingResult:
-        """Pick endpoints for ``request``; raise :class:`NoEndpoint` when none is left."""
+        """Pick endpoints for ``request``: :class:`NoEndpoint` (503) without candidates,
+        :class:`SchedulingFailed` (429) when the profile leaves none."""
         if not candidates:
             raise NoEndpoint("no endpoint in the pool can serve this request")
         handler = self.handler
         if handler is None:
             return self._run(self._compiled[self.profile.name], request, candidates)
         results: dict[str, SchedulingResult | None] = {}
-        failures: list[NoEndpoint] = []
+        failures: list[SchedulingFailed] = []
         while True:
             to_run = self._timed_call(self._handler_pick, handler.pick_profiles, request, self.profiles, results)
             if not to_run:
@@ -84,12 +85,12 @@ class Scheduler:
                     raise RuntimeError(f"profile handler {handler.name} asked to run {profile.name!r} twice")
                 try:
                     results[profile.name] = self._run(self._compiled[profile.name], request, candidates)
-                except NoEndpoint as exc:
+                except SchedulingFailed as exc:
                     results[profile.name] = None
                     failures.append(exc)
         try:
             return self._timed_call(self._handler_results, handler.process_results, request, results)
-        except NoEndpoint as exc:
+        except SchedulingFailed as exc:
             raise (failures[-1] if failures else exc) from None
 
     def _timed_call(
@@ -98,7 +99,7 @@ class Scheduler:
         t0 = self._clock()
         try:
             return fn(*args, **kwargs)
-        except NoEndpoint:
+        except (NoEndpoint, SchedulingFailed):
             raise
         except Exception:
             if timed is not None:
@@ -126,7 +127,7 @@ class Scheduler:
             candidates = kept
             filtered.append((flt.name, len(candidates)))
             if not candidates:
-                raise NoEndpoint(f"no endpoint left after filter {flt.name}")
+                raise SchedulingFailed(f"no endpoint left after filter {flt.name}")
         n = len(candidates)
         totals: list[float] = [0.0] * n
         first = True
@@ -138,8 +139,8 @@ class Scheduler:
                 scores = scorer.score(request, candidates)
                 if len(scores) != n:
                     raise ValueError(f"returned {len(scores)} scores for {n} candidates")
-                if not bounded and (min(scores) < 0.0 or max(scores) > 1.0):
-                    scores = [0.0 if v < 0.0 else 1.0 if v > 1.0 else v for v in scores]
+                if not bounded:  # clamp to [0, 1]; NaN becomes 0
+                    scores = [v if 0.0 <= v <= 1.0 else 1.0 if v > 1.0 else 0.0 for v in scores]
             except Exception:
                 log.exception("scorer %s failed; it scores 0 for this request", scorer.name)
                 timed.errors()
@@ -161,7 +162,7 @@ class Scheduler:
             picked = [candidates[max(range(n), key=totals.__getitem__)]]
         picker.observe(clock() - t0)
         if not picked:
-            raise NoEndpoint(f"picker {picker.plugin.name} chose no endpoint")
+            raise SchedulingFailed(f"picker {picker.plugin.name} chose no endpoint")
         return SchedulingResult(
             profile=profile.name,
             endpoints=picked,

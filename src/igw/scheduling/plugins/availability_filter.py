@@ -17,13 +17,13 @@ from typing import Any
 from pydantic import Field
 
 from igw.api.types import EndpointState, InferenceRequest
-from igw.framework.plugin import Handle, PluginParams
+from igw.framework.plugin import Duration, Handle, PluginParams
 from igw.framework.registry import register
 from igw.framework.scheduling import Filter
 
 
 class AvailabilityParams(PluginParams):
-    staleness_threshold: float = Field(default=2.0, gt=0)
+    staleness_threshold: Duration = Field(default=2.0, gt=0)
     max_consecutive_failures: int = Field(default=3, ge=1)
 
 

@@ -21,7 +21,7 @@ from typing import Any, Literal, Self
 
 from pydantic import Field, model_validator
 
-from igw.api.types import EndpointState, InferenceRequest
+from igw.api.types import Endpoint, EndpointState, InferenceRequest
 from igw.framework.plugin import Handle, PluginParams
 from igw.framework.registry import register
 from igw.framework.scheduling import Filter
@@ -78,6 +78,9 @@ class LabelSelectorFilter(Filter):
         self.match_labels = dict(match_labels or {})
         self.match_expressions = tuple(match_expressions)
         self._checks: list[Check] = [_compile(r) for r in self.match_expressions]
+        self._verdicts: dict[int, tuple[Endpoint, bool]] = {}
+        """Match result per endpoint (labels only change when the pool redefines an endpoint,
+        which makes a new ``Endpoint`` object), keyed by identity and checked against reuse."""
 
     @classmethod
     def from_params(cls, name: str, params: LabelSelectorParams, handle: Handle) -> LabelSelectorFilter:
@@ -99,4 +102,15 @@ class LabelSelectorFilter(Filter):
     def filter(self, request: InferenceRequest, candidates: Sequence[EndpointState]) -> Sequence[EndpointState]:
         if not self.match_labels and not self._checks:
             return candidates
-        return [c for c in candidates if self.matches(dict(c.endpoint.labels))]
+        verdicts = self._verdicts
+        if len(verdicts) > 4 * len(candidates) + 1024:  # endpoints came and went: start over
+            verdicts.clear()
+        kept = []
+        for c in candidates:
+            endpoint = c.endpoint
+            seen = verdicts.get(id(endpoint))
+            if seen is None or seen[0] is not endpoint:
+                seen = verdicts[id(endpoint)] = (endpoint, self.matches(dict(endpoint.labels)))
+            if seen[1]:
+                kept.append(c)
+        return kept

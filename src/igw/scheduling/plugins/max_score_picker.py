@@ -1,11 +1,13 @@
 """``max-score-picker``: the highest total score wins; ties are broken at random.
 
 Returns up to ``maxNumOfEndpoints`` endpoints in descending score order: the first is the
-pick, the others are fallbacks for the proxy. Parameters: ``maxNumOfEndpoints`` (default 1).
+pick, the others are fallbacks for the proxy. Only the best ``k`` are ordered (``heapq``), and
+endpoints tied at the k-th score are drawn at random, so ties never favour pool order. Parameters: ``maxNumOfEndpoints`` (default 1).
 """
 
 from __future__ import annotations
 
+import heapq
 from collections.abc import Sequence
 
 from igw.api.types import EndpointState, InferenceRequest
@@ -25,7 +27,17 @@ class MaxScorePicker(CountedPicker):
             if scores.count(best) == 1:  # the usual case, at C speed
                 return [candidates[scores.index(best)]]
             return [candidates[self._rng.choice([i for i, score in enumerate(scores) if score == best])]]
-        order = list(range(len(candidates)))
-        self._rng.shuffle(order)
-        order.sort(key=scores.__getitem__, reverse=True)  # stable: equal scores stay shuffled
-        return [candidates[i] for i in order[: self.max_endpoints]]
+        k = self.max_endpoints
+        top = heapq.nlargest(k, range(len(scores)), key=scores.__getitem__)
+        kth = scores[top[-1]]
+        above = [i for i in top if scores[i] > kth]
+        tied = len(top) - len(above)
+        if scores.count(kth) > tied:  # more endpoints share the k-th score than fit: draw among all of them
+            at_kth = [i for i, score in enumerate(scores) if score == kth]
+            chosen = self._rng.sample(at_kth, tied)
+        else:
+            chosen = [i for i in top if scores[i] == kth]
+            self._rng.shuffle(chosen)
+        self._rng.shuffle(above)
+        above.sort(key=scores.__getitem__, reverse=True)  # stable: equal scores stay shuffled
+        return [candidates[i] for i in above + chosen]

@@ -108,6 +108,8 @@ class ProducerParams(PluginParams):
     """Block size and per-endpoint capacity from the engines' ``cache_config_info``."""
     hash_scheme: HashScheme = "rendered"
     """``rendered`` (the conversation as a template shows it, full blocks) or ``reference``."""
+    max_prefix_tokens_to_match: int | None = Field(default=None, ge=1)
+    """Alternative to ``maxPrefixBlocksToMatch``, in tokens (wins when both are given)."""
     block_size: int | None = None
     """Deprecated (characters): refused, with a pointer to ``blockSizeTokens``."""
 
@@ -173,7 +175,11 @@ class ApproxPrefixCacheProducer(DataProducer, PreRequest):
         producer = cls(
             name,
             block_size_tokens=params.block_size_tokens,
-            max_prefix_blocks=params.max_prefix_blocks_to_match,
+            max_prefix_blocks=(
+                max(1, params.max_prefix_tokens_to_match // params.block_size_tokens)
+                if params.max_prefix_tokens_to_match is not None
+                else params.max_prefix_blocks_to_match
+            ),
             lru_capacity_per_server=params.lru_capacity_per_server,
             auto_tune=params.auto_tune,
             hash_scheme=params.hash_scheme,
@@ -424,6 +430,8 @@ def _render_content(content: Any) -> str:
         if not isinstance(part, dict):
             continue
         kind = part.get("type")
+        if not isinstance(kind, str):
+            kind = "part"
         text = part.get("text")
         if kind in _TEXT_PARTS and isinstance(text, str):
             texts.append(text)
@@ -494,7 +502,8 @@ def rendered_input(request: InferenceRequest, limit: int) -> bytes:
         if isinstance(instructions, str) and instructions:
             turns.append(_render_turn("system", instructions))
         value = body.get("input")
-        _render_turns(turns, [{"role": "user", "content": value}] if isinstance(value, str) else value or (), limit)
+        items = value if isinstance(value, list) else [{"role": "user", "content": value}] if value else []
+        _render_turns(turns, items, limit)
     elif api == "conversations":
         items = body.get("items")
         _render_turns(turns, items if isinstance(items, list) else (), limit)

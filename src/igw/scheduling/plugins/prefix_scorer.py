@@ -14,8 +14,11 @@ producer.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping, Sequence
 from typing import Any
+
+from pydantic import Field
 
 from igw.api.types import EndpointState, InferenceRequest
 from igw.framework.plugin import Handle, PluginParams
@@ -28,14 +31,19 @@ from igw.scheduling.plugins.prefix_producer import (
     deprecated_block_size_error,
 )
 
+log = logging.getLogger("igw.scheduling")
+
 
 class LegacyScorerParams(PluginParams):
     """The producer's parameters as older reference files put them on the scorer (all optional)."""
 
     block_size_tokens: int | None = None
     max_prefix_blocks_to_match: int | None = None
+    max_prefix_tokens_to_match: int | None = None
     lru_capacity_per_server: int | None = None
     auto_tune: bool | None = None
+    hash_block_size: int | None = Field(default=None, ge=1)
+    """Reference v1.0 (characters): becomes ``blockSizeTokens = hashBlockSize / 4``."""
     block_size: int | None = None
 
 
@@ -57,6 +65,11 @@ class PrefixCacheScorer(Scorer):
         if params.block_size is not None:
             raise ValueError(deprecated_block_size_error(params.block_size))
         legacy = params.model_dump(by_alias=True, exclude_none=True)
+        hash_block_size = legacy.pop("hashBlockSize", None)
+        if hash_block_size is not None:
+            log.warning("%s: hashBlockSize (characters) is deprecated; using blockSizeTokens %d",
+                        name, max(1, hash_block_size // 4))  # fmt: skip
+            legacy.setdefault("blockSizeTokens", max(1, hash_block_size // 4))
         return cls(name, producer_params=legacy)
 
     def describe(self) -> Mapping[str, Any]:

@@ -1,7 +1,7 @@
 """``single-profile-handler``: run the one scheduling profile; its result routes the request.
 
 ``pick_profiles`` returns the profile until it has run, then nothing. ``process_results``
-returns its result, or raises :class:`~igw.api.errors.NoEndpoint` naming the profile when it
+returns its result, or raises :class:`~igw.api.errors.SchedulingFailed` naming the profile when it
 found no endpoint. It is meant for exactly one profile: the config loader calls
 :meth:`SingleProfileHandler.validate_profiles` and refuses any other count. If it is handed
 several anyway, it raises ``ValueError`` (the request fails with 500) instead of guessing.
@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 
-from igw.api.errors import NoEndpoint
+from igw.api.errors import SchedulingFailed
 from igw.api.types import InferenceRequest
 from igw.framework.registry import register
 from igw.framework.scheduling import ProfileHandler, SchedulerProfile, SchedulingResult
@@ -48,5 +48,5 @@ class SingleProfileHandler(ProfileHandler):
         self.validate_profiles(results)
         ((name, result),) = results.items()
         if result is None:
-            raise NoEndpoint(f"scheduling profile {name!r} found no endpoint")
+            raise SchedulingFailed(f"scheduling profile {name!r} found no endpoint")
         return result

@@ -51,15 +51,14 @@ class InflightLoadProducer(DataProducer, PreRequest, ResponseCompleteHook):
         return producer
 
     def prepare(self, request: InferenceRequest, candidates: Sequence[EndpointState]) -> None:
-        load = self.ledger.load
-        request.data[INFLIGHT_LOAD] = {c.address: load.get(c.address, 0) for c in candidates}
+        request.data[INFLIGHT_LOAD] = self.ledger.load  # live: read in the same synchronous pass
 
     def pre_request(self, request: InferenceRequest, result: SchedulingResult) -> None:
         if result.endpoints:
-            self.ledger.charge(request.request_id, result.endpoints[0].address, estimate_tokens(request))
+            self.ledger.charge(request.key, result.endpoints[0].address, estimate_tokens(request))
 
     def on_response_complete(self, request: InferenceRequest, endpoint: str) -> None:
-        self.ledger.release(request.request_id)
+        self.ledger.release(request.key)
 
     def retain(self, addresses: set[str]) -> None:
         """Forget the load of every endpoint not in ``addresses`` (the pool changed)."""

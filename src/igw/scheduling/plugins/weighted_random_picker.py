@@ -12,6 +12,7 @@ Returns up to ``maxNumOfEndpoints`` endpoints (default 1). Parameters: ``maxNumO
 
 from __future__ import annotations
 
+import heapq
 import math
 from collections.abc import Sequence
 
@@ -35,8 +36,7 @@ class WeightedRandomPicker(CountedPicker):
                 keyed.append((math.log(1.0 - rng.random()) / s, i))  # 1 - random() is in (0, 1]
             else:
                 zeros.append(i)
-        keyed.sort(reverse=True)
-        order = [i for _, i in keyed]
+        order = [i for _, i in heapq.nlargest(self.max_endpoints, keyed)]
         if len(order) < self.max_endpoints and zeros:
             rng.shuffle(zeros)
             order += zeros
