@@ -1,6 +1,7 @@
 """The EPP's own time per request, in process and without gRPC: session state machine, parsing,
 the default EndpointPickerConfig (queue 2, KV-cache 2, approximate prefix 3: hashing, index
-lookup and insertion included), building the replies (buffered mode, response headers).
+lookup and insertion included; the pick plus 2 fallbacks, as `igw run` asks), building the
+replies (buffered mode, response headers).
 
     .venv/bin/python benchmarks/decision_time.py
 
@@ -23,7 +24,7 @@ from igw.api.context import RequestContext
 from igw.api.types import EndpointMetrics
 from igw.app.epp import Epp
 from igw.config.pool import pool_from_addresses
-from igw.config.settings import EppSettings
+from igw.config.settings import EppSettings, SchedulingSettings
 from igw.extproc.session import ExtProcSession
 
 REQUESTS = 2000
@@ -52,7 +53,8 @@ def _pct(times: list[float], q: float) -> float:
 
 async def cell(endpoints: int, prompt_bytes: int) -> tuple[float, float, float, float]:
     """(decision p50, p99, whole EPP path p50, p99) in µs."""
-    epp = Epp(EppSettings(), pool_from_addresses([f"10.0.{i // 250}.{i % 250 + 1}:8000" for i in range(endpoints)]))
+    settings = EppSettings(scheduling=SchedulingSettings(fallbacks=2))  # as `igw run` (override-host)
+    epp = Epp(settings, pool_from_addresses([f"10.0.{i // 250}.{i % 250 + 1}:8000" for i in range(endpoints)]))
     now = time.monotonic()
     for i, state in enumerate(epp.store.endpoints()):
         epp.store.update_metrics(state.address, EndpointMetrics(waiting=i % 7, running=4, kv_usage=(i % 10) / 10,
