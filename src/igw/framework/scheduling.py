@@ -82,7 +82,7 @@ class ProfileHandler(Plugin):
     def process_results(
         self, request: InferenceRequest, results: Mapping[str, SchedulingResult | None]
     ) -> SchedulingResult:
-        """The primary result. Raise :class:`~igw.api.errors.NoEndpoint` if there is none."""
+        """The primary result. Raise :class:`~igw.api.errors.SchedulingFailed` if there is none."""
 
 
 @dataclass(frozen=True, slots=True)
