@@ -502,8 +502,8 @@ def rendered_input(request: InferenceRequest, limit: int) -> bytes:
         if isinstance(instructions, str) and instructions:
             turns.append(_render_turn("system", instructions))
         value = body.get("input")
-        items = value if isinstance(value, list) else [{"role": "user", "content": value}] if value else []
-        _render_turns(turns, items, limit)
+        inputs = value if isinstance(value, list) else [{"role": "user", "content": value}] if value else []
+        _render_turns(turns, inputs, limit)
     elif api == "conversations":
         items = body.get("items")
         _render_turns(turns, items if isinstance(items, list) else (), limit)
