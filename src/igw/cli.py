@@ -29,12 +29,31 @@ def _size(text: str) -> int:
 
 def _add_run_parser(sub: Any) -> None:
     p = sub.add_parser("run", help="run the Endpoint Picker and Envoy in front of a pool of model servers")
-    src = p.add_argument_group("pool (one of)")
+    src = p.add_argument_group("pool (one of; the Kubernetes sources need --no-envoy)")
     src.add_argument("--pool", metavar="FILE", help="pool YAML file (name, engine, models, endpoints)")
     src.add_argument("--endpoint", metavar="HOST:PORT", action="append", default=[], help="a model server (repeat)")
     src.add_argument("--engine", choices=[e.value for e in Engine], default=None,
                      help="with --endpoint (default vllm)")  # fmt: skip
     src.add_argument("--model", action="append", default=None, help="served model name, with --endpoint (repeat)")
+    k8s = p.add_argument_group("Kubernetes mode (docs/kubernetes.md)")
+    k8s.add_argument("--pool-name", help="serve this InferencePool (its pods become the endpoints)")
+    k8s.add_argument("--pool-namespace", help="default: $NAMESPACE, else the service account's namespace")
+    k8s.add_argument("--pool-group", default="inference.networking.k8s.io",
+                     help="InferencePool API group (inference.networking.x-k8s.io: the v1alpha2 pools)")  # fmt: skip
+    k8s.add_argument("--endpoint-selector", metavar="K=V,...", help="without CRDs: pods with these labels")
+    k8s.add_argument("--endpoint-target-ports", metavar="PORT[,PORT]", action="append", default=[],
+                     help="with --endpoint-selector: the model-server ports (1 to 8)")  # fmt: skip
+    k8s.add_argument("--kubeconfig", help="default: in-cluster in a pod, else $KUBECONFIG or ~/.kube/config")
+    k8s.add_argument("--kube-context", help="a kubeconfig context other than the current one")
+    k8s.add_argument("--ha-enable-leader-election", action="store_true",
+                     help="active-passive replicas: only the Lease holder reports ready")  # fmt: skip
+    k8s.add_argument("--ha-lease-name", help="default: igw-epp-<pool name>")
+    k8s.add_argument("--ha-lease-namespace", help="default: the pool's namespace")
+    k8s.add_argument("--ha-lease-duration", type=float, default=15.0, help="seconds")
+    k8s.add_argument("--ha-renew-deadline", type=float, default=10.0, help="seconds")
+    k8s.add_argument("--ha-retry-period", type=float, default=2.0, help="seconds")
+    k8s.add_argument("--no-legacy-inference-models", action="store_true",
+                     help="do not read v1alpha2 InferenceModel resources")  # fmt: skip
     gw = p.add_argument_group("gateway (Envoy)")
     gw.add_argument("--listen", default="127.0.0.1:8081", metavar="HOST:PORT", help="where clients connect")
     gw.add_argument("--admin-port", type=int, default=19000, help="Envoy admin port (loopback)")
@@ -110,10 +129,18 @@ def _run_command(args: argparse.Namespace) -> Coroutine[Any, Any, None]:
         ServerSettings,
     )
 
-    if bool(args.pool) == bool(args.endpoint):
-        raise ConfigError("give exactly one of --pool FILE or --endpoint HOST:PORT (repeatable)")
+    kubernetes = bool(args.pool_name or args.endpoint_selector)
+    if bool(args.pool) + bool(args.endpoint) + kubernetes != 1:
+        raise ConfigError(
+            "give exactly one pool source: --pool FILE, --endpoint HOST:PORT (repeatable), "
+            "or --pool-name / --endpoint-selector (Kubernetes)"
+        )
+    if kubernetes and not args.no_envoy:
+        raise ConfigError("Kubernetes mode runs the EPP for your gateway: add --no-envoy")
     pool = (
-        load_pool(args.pool)
+        None
+        if kubernetes
+        else load_pool(args.pool)
         if args.pool
         else pool_from_addresses(args.endpoint, engine=Engine(args.engine) if args.engine else None, models=args.model)
     )
@@ -141,6 +168,34 @@ def _run_command(args: argparse.Namespace) -> Coroutine[Any, Any, None]:
         ),
     )
     config_text, config_source = _config_text(args)
+    if pool is None:
+        from igw.app.kubernetes import KubernetesSettings, run_kubernetes
+
+        raw_ports = [p.strip() for flag in args.endpoint_target_ports for p in flag.split(",") if p.strip()]
+        if not all(p.isdigit() for p in raw_ports):
+            raise ConfigError(f"--endpoint-target-ports: {','.join(raw_ports)!r} is not a list of port numbers")
+        ports = tuple(int(p) for p in raw_ports)
+        return run_kubernetes(
+            KubernetesSettings(
+                pool_name=args.pool_name,
+                pool_namespace=args.pool_namespace,
+                pool_group=args.pool_group,
+                endpoint_selector=args.endpoint_selector,
+                endpoint_target_ports=ports,
+                kubeconfig=args.kubeconfig,
+                kube_context=args.kube_context,
+                leader_election=args.ha_enable_leader_election,
+                lease_name=args.ha_lease_name,
+                lease_namespace=args.ha_lease_namespace,
+                lease_duration_s=args.ha_lease_duration,
+                renew_deadline_s=args.ha_renew_deadline,
+                retry_period_s=args.ha_retry_period,
+                legacy_inference_models=not args.no_legacy_inference_models,
+            ),
+            epp_settings,
+            config_text=config_text,
+            config_source=config_source,
+        )
     if args.no_envoy:
 
         async def epp_only() -> None:

@@ -32,11 +32,12 @@ class RequestTracker:
         self.inflight += 1
         m = self._metrics
         model = m.model_label(ctx.model)
+        target = m.model_label(ctx.request.effective_model) if ctx.request else model
         priority = str(ctx.request.priority) if ctx.request else "0"
-        m.requests.labels(model, model, priority).inc()
+        m.requests.labels(model, target, priority).inc()
         m.running.labels(model).inc()
         if ctx.request is not None:
-            m.request_sizes.labels(model, model).observe(ctx.request.body_size)
+            m.request_sizes.labels(model, target).observe(ctx.request.body_size)
 
     def failed(self, ctx: RequestContext, error: IgwError) -> None:
         ctx.error = error.code

@@ -13,4 +13,7 @@ SERVED_KEY = "x-gateway-destination-endpoint-served"
 """Proxy -> EPP on the response path: the endpoint that actually served the request."""
 REQUEST_ID_HEADER = "x-request-id"
 OBJECTIVE_HEADER = "x-gateway-inference-objective"
+MODEL_REWRITE_HEADER = "x-gateway-model-name-rewrite"
+"""Client -> EPP: send the request to the server under this model name (the response keeps the
+client's name)."""
 FAIRNESS_ID_HEADER = "x-gateway-inference-fairness-id"

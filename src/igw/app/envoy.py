@@ -133,6 +133,9 @@ def render_bootstrap(
             "message_timeout": f"{s.message_timeout_s}s",
             "status_on_error": {"code": 503},
             "processing_mode": processing_mode,
+            # Buffered mode: the EPP asks for the response body of requests whose model it may
+            # rewrite (to give the client its model name back), by a per-request mode override.
+            "allow_mode_override": s.body_mode is BodyMode.BUFFERED,
             "response_attributes": ["upstream.address"],
             "metadata_options": {"receiving_namespaces": {"untyped": [LB_METADATA_NAMESPACE]}},
         },

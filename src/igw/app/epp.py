@@ -10,13 +10,13 @@ from __future__ import annotations
 import dataclasses
 import logging
 from collections.abc import Callable, Sequence
-from types import TracebackType
 
 import grpc
 import orjson
 from aiohttp import web
 from prometheus_client import CollectorRegistry
 
+from igw import aio
 from igw.accounting.tracker import RequestTracker
 from igw.api.types import EndpointState
 from igw.app import plugins as _plugins  # registers every plugin type
@@ -26,6 +26,7 @@ from igw.config.settings import EppSettings
 from igw.datalayer.collector import MetricsCollector
 from igw.datalayer.extractors import CoreMetricsExtractor
 from igw.datalayer.objectives import ObjectiveStore
+from igw.datalayer.rewrites import RewriteStore
 from igw.datalayer.sources import MetricsDataSource
 from igw.datalayer.store import EndpointStore
 from igw.extproc.server import start_extproc_server
@@ -88,6 +89,7 @@ def build_director(
     config: EppConfig | None = None,
     *,
     objectives: ObjectiveStore | None = None,
+    rewrites: RewriteStore | None = None,
 ) -> Director:
     """The request path over a store, as the configuration (default: the reference default) says."""
     config = config or load_config(None, store)
@@ -118,6 +120,7 @@ def build_director(
             response_complete=config.response_complete,
         ),
         objectives=objectives,
+        rewrites=rewrites,
         availability=Availability(dl.staleness_threshold, dl.max_consecutive_failures, store.clock),
         decisions=DecisionLog(obs.recent_decisions),
         explain_top=obs.explain_top if obs.decision_header else None,
@@ -125,7 +128,7 @@ def build_director(
     )
 
 
-class Epp:
+class Epp(aio.Service):
     def __init__(
         self,
         settings: EppSettings,
@@ -141,10 +144,14 @@ class Epp:
         self.store = EndpointStore(pool_name=pool.name)
         self.store.set_endpoints(pool.build())
         self.objectives = ObjectiveStore(pool.priorities())
+        self.rewrites = RewriteStore()
+        """Empty in standalone mode; the controllers fill it in Kubernetes mode."""
         self.config = load_config(config_text, self.store, source=config_source)
         self.metrics.watch_pool(pool.name, self.store.endpoints)
         self.collector = build_collector(settings, self.store, self.config)
-        self.director = build_director(settings, self.store, self.metrics, self.config, objectives=self.objectives)
+        self.director = build_director(
+            settings, self.store, self.metrics, self.config, objectives=self.objectives, rewrites=self.rewrites
+        )
         self.tracker = self.director.tracker
         self.health = HealthState()
         self._grpc: grpc.aio.Server | None = None
@@ -189,12 +196,3 @@ class Epp:
             await self.health.shutdown()
             await self._health_server.stop(grace=0.5)
             self._health_server = None
-
-    async def __aenter__(self) -> Epp:
-        await self.start()
-        return self
-
-    async def __aexit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        await self.stop()

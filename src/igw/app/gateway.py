@@ -11,11 +11,11 @@ import contextlib
 import logging
 import signal
 from dataclasses import dataclass
-from types import TracebackType
 from typing import Any
 
 import aiohttp
 
+from igw import aio
 from igw.app.envoy import EnvoyError, EnvoyProcess, EnvoySettings, render_bootstrap
 from igw.app.epp import Epp
 from igw.config.pool import PoolSpec
@@ -32,7 +32,7 @@ class GatewaySettings:
     start_timeout_s: float = 30.0
 
 
-class Gateway:
+class Gateway(aio.Service):
     def __init__(
         self,
         settings: GatewaySettings,
@@ -100,15 +100,6 @@ class Gateway:
             await self.envoy.stop()
             self.envoy = None
         await self.epp.stop()
-
-    async def __aenter__(self) -> Gateway:
-        await self.start()
-        return self
-
-    async def __aexit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        await self.stop()
 
 
 async def wait_for_signal() -> None:

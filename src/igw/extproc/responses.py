@@ -7,6 +7,7 @@ from typing import Any
 
 import orjson
 from envoy.config.core.v3 import base_pb2
+from envoy.extensions.filters.http.ext_proc.v3 import processing_mode_pb2
 from envoy.service.ext_proc.v3 import external_processor_pb2 as ep
 from envoy.type.v3 import http_status_pb2
 from google.protobuf import struct_pb2
@@ -72,9 +73,26 @@ def destination_metadata(destination: str) -> struct_pb2.Struct:
     return meta
 
 
-def continue_request_headers(set_headers: Mapping[str, str] | None = None) -> ep.ProcessingResponse:
+_PM = processing_mode_pb2.ProcessingMode
+STREAM_RESPONSE_BODY = _PM(
+    request_header_mode=_PM.SEND, request_body_mode=_PM.BUFFERED, request_trailer_mode=_PM.SKIP,
+    response_header_mode=_PM.SEND, response_body_mode=_PM.STREAMED, response_trailer_mode=_PM.SKIP,
+)  # fmt: skip
+"""Buffered mode, plus the response body in chunks (Envoy replaces the whole mode on override)."""
+
+
+def continue_request_headers(
+    set_headers: Mapping[str, str] | None = None, *, mode_override: Any = None
+) -> ep.ProcessingResponse:
     common = ep.CommonResponse(header_mutation=header_mutation(set_headers)) if set_headers else None
-    return ep.ProcessingResponse(request_headers=ep.HeadersResponse(response=common))
+    return ep.ProcessingResponse(request_headers=ep.HeadersResponse(response=common), mode_override=mode_override)
+
+
+def replace_response_chunk(body: bytes) -> ep.ProcessingResponse:
+    """Streamed mode: this response chunk becomes ``body``."""
+    return ep.ProcessingResponse(
+        response_body=ep.BodyResponse(response=ep.CommonResponse(body_mutation=ep.BodyMutation(body=body)))
+    )
 
 
 def routed_headers(set_headers: Mapping[str, str], destination: str) -> ep.ProcessingResponse:

@@ -40,6 +40,7 @@ from igw.config.settings import BodyMode, ServerSettings
 from igw.extproc import responses
 from igw.requestcontrol.director import Director
 from igw.routing.destination import RouteDecision
+from igw.routing.model_rewrite import ModelRestorer
 
 log = logging.getLogger("igw.extproc")
 
@@ -75,6 +76,10 @@ class ExtProcSession:
         self._closed = False
         """An immediate response was sent: the proxy will not send more for this request."""
         self._set_request_id: str | None = None
+        self._response_streamed = False
+        """Buffered mode with the response body asked for (the model may be rewritten)."""
+        self._restorer: ModelRestorer | None = None
+        """Gives the client its model name back in the response body, when it was rewritten."""
 
     async def handle(self, msg: Any) -> list[Any]:
         if self._closed:
@@ -94,8 +99,12 @@ class ExtProcSession:
             return self._on_response_headers(msg)
         if kind == "response_body":
             body = msg.response_body
+            restorer = self._restorer
             if self._response_duplex:
-                return [responses.echo_response_body(body.body, body.end_of_stream)]
+                data = restorer.feed(body.body, body.end_of_stream) if restorer else body.body
+                return [responses.echo_response_body(data, body.end_of_stream)]
+            if restorer is not None and self._response_streamed:
+                return [responses.replace_response_chunk(restorer.feed(body.body, body.end_of_stream))]
             return [responses.CONTINUE_RESPONSE_BODY]
         if kind == "response_trailers":
             return [responses.RESPONSE_TRAILERS]
@@ -137,6 +146,9 @@ class ExtProcSession:
         if self._mode is BodyMode.FULL_DUPLEX_STREAMED:
             return []  # held until the body is complete
         extra = {REQUEST_ID_HEADER: request_id} if self._set_request_id else None
+        if self._director.may_rewrite_model(self.ctx):
+            self._response_streamed = True
+            return [responses.continue_request_headers(extra, mode_override=responses.STREAM_RESPONSE_BODY)]
         return [responses.continue_request_headers(extra)]
 
     def _route_headers_only(self) -> list[Any]:
@@ -223,6 +235,14 @@ class ExtProcSession:
             elif key == SERVED_KEY:
                 served = served or (h.raw_value.decode("utf-8", "replace") if h.raw_value else h.value)
                 remove.append(SERVED_KEY)
+        request = self.ctx.request
+        rewritten = request is not None and request.model and request.target_model not in (None, request.model)
+        if rewritten and (self._response_duplex or self._response_streamed):
+            assert request is not None
+            assert request.model
+            assert request.target_model
+            self._restorer = ModelRestorer(request.model, request.target_model)
+            remove.append("content-length")  # the body changes length; the proxy re-frames it
         extra = self._director.on_response_headers(self.ctx, status=status, served=served)
         return [responses.continue_response_headers(remove, extra)]
 

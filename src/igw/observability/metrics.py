@@ -209,6 +209,10 @@ class EppMetrics:
             "(client aborts; or a proxy that does not send the response to the EPP in duplex mode).",
             registry=r,
         )
+        self.rewrite_decisions = Counter(
+            "inference_extension_model_rewrite_decisions", "Requests whose model was rewritten, per rule.",
+            ["model_rewrite_name", "model_name", "target_model"], registry=r,
+        )  # fmt: skip
         self.plugins = PluginMetrics(r)
         self.prefix = PrefixIndexMetrics(r)
         self.protocol_errors = Counter(

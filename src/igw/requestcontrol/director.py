@@ -17,9 +17,10 @@ from dataclasses import dataclass, field
 from igw.accounting.tracker import RequestTracker
 from igw.api.context import RequestContext
 from igw.api.errors import IgwError, ModelNotFound, NoEndpoint, SchedulingFailed
-from igw.api.protocol import OBJECTIVE_HEADER
+from igw.api.protocol import MODEL_REWRITE_HEADER, OBJECTIVE_HEADER
 from igw.api.types import EndpointState, InferenceRequest
 from igw.datalayer.objectives import ObjectiveStore
+from igw.datalayer.rewrites import RewriteStore
 from igw.datalayer.store import EndpointStore
 from igw.flowcontrol.admission import Admission
 from igw.framework.requestcontrol import (
@@ -32,6 +33,7 @@ from igw.framework.requestcontrol import (
 from igw.observability.decisions import DECISION_HEADER, EXPLAIN_HEADER, DecisionLog, explain_header
 from igw.observability.metrics import EppMetrics, TimedPlugin
 from igw.routing.destination import RouteDecision, route
+from igw.routing.model_rewrite import rewrite_body
 from igw.scheduling.scheduler import Scheduler
 
 
@@ -67,6 +69,7 @@ class Director:
         metrics: EppMetrics,
         hooks: Hooks = Hooks(),
         objectives: ObjectiveStore | None = None,
+        rewrites: RewriteStore | None = None,
         availability: Availability | None = None,
         decisions: DecisionLog | None = None,
         explain_top: int | None = None,
@@ -80,6 +83,7 @@ class Director:
         self.tracker = tracker
         self.metrics = metrics
         self.objectives = objectives or ObjectiveStore()
+        self.rewrites = rewrites or RewriteStore()
         self.availability = availability or Availability()
         self.decisions = decisions or DecisionLog(0)
         self.explain_top = explain_top
@@ -123,11 +127,12 @@ class Director:
         return self._route(ctx, request, self._clock())
 
     def _route(self, ctx: RequestContext, request: InferenceRequest, t0: float) -> RouteDecision:
-        # 2 objective: InferenceObjective -> priority (rewrites: Kubernetes mode)
-        objective = ctx.headers.get(OBJECTIVE_HEADER)
+        # 2 objective and model: InferenceObjective -> priority; InferenceModelRewrite -> target model
+        objective = ctx.headers.get(OBJECTIVE_HEADER) or self.rewrites.objective_for(request.model)
         if objective:
             request.objective = objective
             request.priority = self.objectives.priority(objective)
+        new_body = self._rewrite_model(ctx, request)
         # 3 candidates: the pool, narrowed to the model, the proxy's subset hint, the available
         candidates = self.candidates(request, ctx.subset_hint)
         # 4 admission: shed sheddable requests on a saturated pool, caps, admitter plugins
@@ -153,8 +158,9 @@ class Director:
         self._t_schedule.observe(elapsed)
         self.metrics.scheduler_duration.observe(elapsed)
         self.decisions.record(request, result)
-        # 8 routing: destination header + envoy.lb metadata
+        # 8 routing: destination header + envoy.lb metadata (+ the body, if the model changed)
         decision = route(result)
+        decision.body = new_body
         ctx.destination = decision.destination
         if self.explain_top is not None and ctx.headers.get(EXPLAIN_HEADER):
             ctx.explanation = explain_header(request, result, top=self.explain_top)
@@ -162,11 +168,35 @@ class Director:
         self.tracker.started(ctx, decision.primary)
         return decision
 
+    def may_rewrite_model(self, ctx: RequestContext) -> bool:
+        """Known from the headers alone: could this request's model be rewritten? (Then the
+        response body must pass through the EPP to get the client's model name back.)"""
+        return bool(self.rewrites.rules()) or MODEL_REWRITE_HEADER in ctx.headers
+
+    def _rewrite_model(self, ctx: RequestContext, request: InferenceRequest) -> bytes | None:
+        """Choose the model the server gets; return the rewritten body, or None if unchanged."""
+        model = request.model
+        if model is None or request.body is None:
+            return None
+        target = ctx.headers.get(MODEL_REWRITE_HEADER)
+        rule = "header"
+        if not target:
+            decided = self.rewrites.decide(model)
+            if decided is None:
+                return None
+            target, rule = decided.target, decided.rule
+        guard = self.metrics.model_label
+        self.metrics.rewrite_decisions.labels(rule, guard(model), guard(target)).inc()
+        if target == model:
+            return None
+        request.target_model = target
+        return rewrite_body(request.body, target)
+
     def candidates(self, request: InferenceRequest, subset_hint: list[str] | None) -> Sequence[EndpointState]:
         states: Sequence[EndpointState] = self.store.endpoints()
         if not states:
             raise NoEndpoint(f"pool {self.store.pool_name!r} has no endpoints")
-        model = request.model
+        model = request.effective_model
         if model is not None:
             declared = self.store.declared_models()
             if declared is not None and model not in declared:
