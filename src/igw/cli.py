@@ -81,6 +81,12 @@ def _add_run_parser(sub: Any) -> None:
     epp.add_argument("--grpc-port", type=int, default=9002)
     epp.add_argument("--grpc-health-port", type=int, default=9003)
     epp.add_argument("--metrics-port", type=int, default=9090)
+    epp.add_argument("--secure-serving", action="store_true",
+                     help="TLS on the ext_proc port (gateways connect with TLS, as to the reference EPP)")  # fmt: skip
+    epp.add_argument("--cert-path", help="with --secure-serving: a directory with tls.crt and tls.key "
+                     "(default: a self-signed certificate)")  # fmt: skip
+    epp.add_argument("--enable-cert-reload", action="store_true", help="re-read --cert-path files when they change")
+    epp.add_argument("--health-checking", action="store_true", help="also serve gRPC health on the ext_proc port")
     epp.add_argument("--fallbacks", type=int, default=None,
                      help="fallbacks listed after the pick (default 2 with override-host, else 0)")  # fmt: skip
     epp.add_argument("--max-body-size", type=_size, default="32Mi", help="larger request bodies get 413")
@@ -146,6 +152,8 @@ def _run_command(args: argparse.Namespace) -> Coroutine[Any, Any, None]:
     )
     upstream = UpstreamMode(args.upstream)
     fallbacks = args.fallbacks if args.fallbacks is not None else (2 if upstream is UpstreamMode.OVERRIDE_HOST else 0)
+    if (args.cert_path or args.enable_cert_reload) and not args.secure_serving:
+        raise ConfigError("--cert-path and --enable-cert-reload go with --secure-serving")
     if upstream is UpstreamMode.ORIGINAL_DST and fallbacks:
         raise ConfigError("--fallbacks needs --upstream override-host (ORIGINAL_DST takes a single ip:port)")
     body_mode = BodyMode.BUFFERED if args.body_mode == "buffered" else BodyMode.FULL_DUPLEX_STREAMED
@@ -157,6 +165,11 @@ def _run_command(args: argparse.Namespace) -> Coroutine[Any, Any, None]:
             metrics_port=args.metrics_port,
             max_request_body_bytes=args.max_body_size,
             default_body_mode=body_mode,
+            secure_serving=args.secure_serving,
+            cert_path=args.cert_path,
+            enable_cert_reload=args.enable_cert_reload,
+            # igw's own Envoy health-checks a TLS ext_proc port on that port.
+            health_checking=args.health_checking or (args.secure_serving and not args.no_envoy),
         ),
         datalayer=DataLayerSettings(
             scrape_interval=args.refresh_metrics_interval, staleness_threshold=args.metrics_staleness_threshold
@@ -219,6 +232,7 @@ def _run_command(args: argparse.Namespace) -> Coroutine[Any, Any, None]:
             retries=fallbacks,
             concurrency=args.envoy_concurrency,
             response_headers=not args.no_response_headers,
+            epp_tls=args.secure_serving,
         )
     except ValueError as exc:
         raise ConfigError(str(exc)) from None

@@ -109,6 +109,7 @@ async def start_gateway() -> AsyncIterator[GatewayFactory]:
         config_text: str | None = None,
         pool: PoolSpec | None = None,
         observability: ObservabilitySettings | None = None,
+        secure: bool = False,
     ) -> RunningGateway:
         if fail_open is None:  # Envoy fails open only in buffered mode
             fail_open = body_mode is BodyMode.BUFFERED
@@ -120,6 +121,8 @@ async def start_gateway() -> AsyncIterator[GatewayFactory]:
                 max_request_body_bytes=max_body,
                 default_body_mode=body_mode,
                 drain_seconds=0.5,
+                secure_serving=secure,
+                health_checking=secure,
             ),
             datalayer=datalayer or DataLayerSettings(scrape_interval=0.02),
             scheduling=SchedulingSettings(fallbacks=fallbacks),
@@ -129,6 +132,7 @@ async def start_gateway() -> AsyncIterator[GatewayFactory]:
         envoy = EnvoySettings(
             listen_port=free_port(), admin_port=free_port(), upstream=upstream, fail_open=fail_open,
             body_mode=body_mode, max_request_body_bytes=max_body, retries=fallbacks, message_timeout_s=5,
+            epp_tls=secure,
         )  # fmt: skip
         if pool is None:
             pool = pool_from_addresses(addresses, models=models) if addresses else pool_from_addresses([])

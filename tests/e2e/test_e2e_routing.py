@@ -186,3 +186,15 @@ async def test_chunked_upload_without_content_length(
     ) as r:
         assert r.status == 200, await r.text()
         assert r.headers["x-igw-sim-body-sha256"] == hashlib.sha256(body).hexdigest()
+
+
+async def test_envoy_reaches_a_tls_endpoint_picker(
+    fleet: SimFleet, start_gateway: GatewayFactory, http: aiohttp.ClientSession
+) -> None:
+    gw = await start_gateway(fleet.addresses, secure=True, body_mode=BodyMode.BUFFERED)
+    for i in range(6):
+        async with http.post(
+            f"{gw.url}/v1/chat/completions", json=chat(f"tls{i}"), headers={"x-request-id": f"t{i}"}
+        ) as r:
+            assert r.status == 200, await r.text()
+            assert r.headers["x-igw-sim-endpoint"] == gw.picks.by_request[f"t{i}"][0]

@@ -70,6 +70,10 @@ class EnvoySettings:
     max_downstream_connections: int = 50_000
     """Client connections Envoy accepts at once (its overload manager refuses more)."""
     connect_timeout_s: float = 5.0
+    epp_tls: bool = False
+    """The EPP's ext_proc port speaks TLS (``--secure-serving``): Envoy connects with TLS, without
+    verifying the certificate (as gateways do with the reference EPP), and health-checks that port
+    (the EPP then serves gRPC health on it)."""
 
     def __post_init__(self) -> None:
         if self.fail_open and self.body_mode is BodyMode.FULL_DUPLEX_STREAMED:
@@ -205,11 +209,16 @@ def render_bootstrap(
                 "timeout": "1s", "interval": "2s", "unhealthy_threshold": 2, "healthy_threshold": 1,
                 "grpc_health_check": {"service_name": "envoy.service.ext_proc.v3.ExternalProcessor"},
             }],
+            **({"transport_socket": {"name": "envoy.transport_sockets.tls", "typed_config": {
+                "@type": TYPE_URL + "extensions.transport_sockets.tls.v3.UpstreamTlsContext",
+                "common_tls_context": {"alpn_protocols": ["h2"]},
+            }}} if s.epp_tls else {}),
             "load_assignment": {
                 "cluster_name": "igw_epp",
                 "endpoints": [{"lb_endpoints": [{"endpoint": {
                     "address": _addr(epp_host, epp_port),
-                    "health_check_config": {"port_value": epp_health_port},
+                    # TLS: health-check the ext_proc port itself (the health port is plaintext).
+                    "health_check_config": {"port_value": epp_port if s.epp_tls else epp_health_port},
                 }}]}],
             },
         }

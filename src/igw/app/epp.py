@@ -166,7 +166,9 @@ class Epp(aio.Service):
         try:
             self._health_server, self.health_port = await start_health_server(srv, self.health)
             await self.collector.start()
-            self._grpc, self.grpc_port = await start_extproc_server(self.director, srv, self.metrics)
+            self._grpc, self.grpc_port = await start_extproc_server(
+                self.director, srv, self.metrics, health=self.health.servicer if srv.health_checking else None
+            )
             if srv.metrics_port >= 0:
                 self._metrics_runner, self.metrics_port = await start_metrics_server(
                     self.registry, srv.host, srv.metrics_port, self.director.decisions

@@ -35,6 +35,15 @@ class ServerSettings:
     """Assumed when the proxy does not announce its mode in ``protocol_config``."""
     drain_seconds: float = 5.0
     """On shutdown, how long in-flight ext_proc streams may finish before they are cancelled."""
+    secure_serving: bool = False
+    """TLS on the ext_proc port (the reference EPP's default; gateways connect with TLS and skip
+    verification). Off by default here: ``igw run``'s own Envoy talks to the EPP on loopback."""
+    cert_path: str | None = None
+    """Directory with ``tls.crt`` and ``tls.key``; None: a self-signed certificate made at start-up."""
+    enable_cert_reload: bool = False
+    """Re-read the certificate files when they change (for new connections)."""
+    health_checking: bool = False
+    """Also serve gRPC health on the ext_proc port (for gateways that health-check that port)."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -12,10 +12,11 @@ from typing import Any
 
 import grpc
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as ep_grpc
+from grpc_health.v1 import health_pb2_grpc
 
 from igw.config.settings import ServerSettings
 from igw.extproc.session import ExtProcSession, ProtocolError
-from igw.grpcutil import bind_port
+from igw.grpcutil import bind_port, server_credentials
 from igw.observability.metrics import EppMetrics
 from igw.requestcontrol.director import Director
 
@@ -61,10 +62,15 @@ def _options(settings: ServerSettings) -> list[tuple[str, int]]:
 
 
 async def start_extproc_server(
-    director: Director, settings: ServerSettings, metrics: EppMetrics
+    director: Director, settings: ServerSettings, metrics: EppMetrics, *, health: Any = None
 ) -> tuple[grpc.aio.Server, int]:
     server = grpc.aio.server(options=_options(settings))
     ep_grpc.add_ExternalProcessorServicer_to_server(ExternalProcessor(director, settings, metrics), server)
-    port = bind_port(server, settings.host, settings.grpc_port, what="ext_proc")
+    if health is not None:  # --health-checking: gRPC health on the ext_proc port too
+        health_pb2_grpc.add_HealthServicer_to_server(health, server)
+    credentials = (
+        server_credentials(settings.cert_path, reload=settings.enable_cert_reload) if settings.secure_serving else None
+    )
+    port = bind_port(server, settings.host, settings.grpc_port, what="ext_proc", credentials=credentials)
     await server.start()
     return server, port
