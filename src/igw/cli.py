@@ -141,6 +141,16 @@ def _run_command(args: argparse.Namespace) -> Coroutine[Any, Any, None]:
             "give exactly one pool source: --pool FILE, --endpoint HOST:PORT (repeatable), "
             "or --pool-name / --endpoint-selector (Kubernetes)"
         )
+    k8s_only = {
+        "--pool-namespace": args.pool_namespace, "--kubeconfig": args.kubeconfig, "--kube-context": args.kube_context,
+        "--endpoint-target-ports": args.endpoint_target_ports, "--ha-enable-leader-election": args.ha_enable_leader_election,
+        "--ha-lease-name": args.ha_lease_name, "--ha-lease-namespace": args.ha_lease_namespace,
+        "--no-legacy-inference-models": args.no_legacy_inference_models,
+        "--pool-group": args.pool_group != "inference.networking.k8s.io",
+    }  # fmt: skip
+    stray = [flag for flag, value in k8s_only.items() if value]
+    if stray and not kubernetes:
+        raise ConfigError(f"{', '.join(stray)}: Kubernetes-mode flags, they need --pool-name or --endpoint-selector")
     if kubernetes and not args.no_envoy:
         raise ConfigError("Kubernetes mode runs the EPP for your gateway: add --no-envoy")
     pool = (

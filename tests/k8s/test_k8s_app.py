@@ -299,3 +299,21 @@ async def test_in_cluster_service_account_over_tls(tmp_path: Path, certificate: 
             await api.close()
         with pytest.raises(ConfigError, match="in-cluster"):
             await load_configuration(ClientSettings(), environ=env, sa_dir=str(tmp_path / "missing"))
+
+
+async def test_readiness_stays_through_a_pool_selector_change(kube: FakeKube, api: client.ApiClient) -> None:
+    async with k8s_epp(api) as k8s:
+        kube.create(POOLS, pool("pool", selector={"app": "a"}, ports=[1]))
+        kube.create(PODS, pod("a", "127.0.0.2", labels={"app": "a"}))
+        kube.create(PODS, pod("b", "127.0.0.3", labels={"app": "b"}))
+        await eventually(lambda: k8s.epp.health.ready, what="ready")
+        kube.patch(POOLS, "pool", lambda o: o["spec"]["selector"].__setitem__("matchLabels", {"app": "b"}))
+        seen_unready = False
+        deadline = time.monotonic() + 3.0
+        while [s.address for s in k8s.epp.store.endpoints()] != ["127.0.0.3:1"]:
+            seen_unready = seen_unready or not k8s.epp.health.ready
+            assert time.monotonic() < deadline, "the new selector's pods never arrived"
+            await asyncio.sleep(0.005)
+        await asyncio.sleep(0.2)
+        assert k8s.epp.health.ready, "readiness must come back (and stay) after a selector change"
+        assert not seen_unready, "the old endpoints are kept, so readiness does not blink"

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import time
+from typing import Any
 
 import pytest
 from conftest import eventually
 from k8s_fakeapi import LEASES, FakeKube
 from kubernetes_asyncio import client
+from kubernetes_asyncio.client.exceptions import ApiException
 
 from igw import aio
 from igw.controllers.leader import LeaderElector, LeaseSettings
@@ -106,3 +108,58 @@ def test_settings_are_checked() -> None:
         LeaseSettings(name="l", namespace="n", identity="i", renew_deadline_s=2, retry_period_s=2)
     with pytest.raises(ValueError, match="identity"):
         LeaseSettings(name="l", namespace="n", identity="")
+
+
+class _SlowLeaseApi:
+    """A Lease API whose writes start failing, then hang until the client's timeout."""
+
+    def __init__(self) -> None:
+        self.lease: dict[str, Any] | None = None
+        self.mode = "ok"
+        self.last_write = 0.0
+
+    async def read_namespaced_lease(self, name: str, ns: str, _request_timeout: float = 0) -> Any:
+        if self.mode == "slow":
+            await asyncio.sleep(_request_timeout * 0.95)
+        if self.lease is None:
+            raise ApiException(status=404)
+        return client.V1Lease(metadata=client.V1ObjectMeta(name=name, resource_version="1"),
+                              spec=client.V1LeaseSpec(**self.lease))  # fmt: skip
+
+    async def create_namespaced_lease(self, ns: str, body: Any, _request_timeout: float = 0) -> None:
+        self._write(body)
+
+    async def replace_namespaced_lease(self, name: str, ns: str, body: Any, _request_timeout: float = 0) -> None:
+        if self.mode == "slow":
+            await asyncio.sleep(_request_timeout)
+        if self.mode != "ok":
+            raise ApiException(status=500)
+        self._write(body)
+
+    def _write(self, body: Any) -> None:
+        spec = body.spec
+        self.lease = {"holder_identity": spec.holder_identity, "lease_duration_seconds": spec.lease_duration_seconds,
+                      "renew_time": spec.renew_time}  # fmt: skip
+        self.last_write = time.monotonic()
+
+
+async def test_a_leader_steps_down_within_its_renew_deadline_even_when_calls_are_slow() -> None:
+    api = _SlowLeaseApi()
+    settings = LeaseSettings(name="l", namespace="d", identity="a", lease_duration_s=2.0, renew_deadline_s=1.0,
+                             retry_period_s=0.2, request_timeout_s=0.5)  # fmt: skip
+    async with client.ApiClient() as api_client:
+        elector = LeaderElector(api_client, settings)
+        elector._api = api  # type: ignore[assignment]
+        task = asyncio.ensure_future(elector.run())
+        try:
+            await eventually(lambda: elector.is_leader, what="leadership")
+            await asyncio.sleep(0.3)
+            api.mode = "fail"
+            await asyncio.sleep(max(0.0, 0.9 - (time.monotonic() - api.last_write)))
+            api.mode = "slow"  # the next attempt would take ~0.95 s: longer than what is left
+            await eventually(lambda: not elector.is_leader, what="stepping down")
+            stepped_down_after = time.monotonic() - api.last_write
+        finally:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+    assert stepped_down_after < settings.renew_deadline_s + 0.15 < settings.lease_duration_s

@@ -210,6 +210,7 @@ def test_overlays(rendered: dict[str, list[dict[str, Any]]]) -> None:
     (deployment,) = of(le, "Deployment")
     assert deployment["spec"]["replicas"] == 2
     assert "--ha-enable-leader-election" in deployment["spec"]["template"]["spec"]["containers"][0]["args"]
+    assert deployment["spec"]["strategy"] == {"type": "Recreate"}  # a follower is never Ready
     lease_rules = [r for role in of(le, "Role") for r in role["rules"] if "leases" in r["resources"]]
     assert {v for r in lease_rules for v in r["verbs"]} == {"create", "get", "update"}
 

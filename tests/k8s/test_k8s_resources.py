@@ -198,3 +198,10 @@ def test_legacy_inference_model_mapping() -> None:
     (only,) = legacy.rules
     assert only.models == frozenset({"food-review"})
     assert [(t.model, t.weight) for t in only.targets] == [("food-review-1", 90), ("food-review-2", 10)]
+
+
+def test_rewrite_weights_are_all_or_none() -> None:
+    mixed = rewrite("mixed", [rule(["a"], [("a-1", 1000), ("a-2", None)])])
+    fine = rewrite("fine", [rule(["b"], [("b-1", None), ("b-2", None)]), rule(["c"], [("c-1", 3), ("c-2", 1)])])
+    rules = rewrite_rules([mixed, fine], "pool")
+    assert {m for r in rules for m in r.models} == {"b", "c"}  # the mixed rule is refused, the others load

@@ -187,3 +187,30 @@ async def test_prefix_indexer_metrics() -> None:
     assert sample("inference_extension_prefix_indexer_hit_ratio_count") == 4
     assert (sample("inference_extension_prefix_indexer_hit_ratio_sum") or 0) > 2.5  # 3 of 4 hit most blocks
     assert (sample("inference_extension_prefix_indexer_hit_bytes_sum") or 0) > 0
+
+
+async def test_rewrite_weights_are_honoured_through_the_director() -> None:
+    import random
+
+    from igw.datalayer.rewrites import RewriteRule, RewriteStore, RewriteTarget
+
+    director, _, metrics = make()
+    director.rewrites = RewriteStore(
+        [RewriteRule("canary", frozenset({"m"}), (RewriteTarget("m-v1", 3), RewriteTarget("m-v2", 1)))],
+        rng=random.Random(3),
+    )
+    sent: list[str] = []
+    for i in range(2000):
+        decision = await director.handle_request(ctx(rid=f"w{i}"), body())
+        assert decision.body is not None
+        sent.append(orjson.loads(decision.body)["model"])
+    share = sent.count("m-v1") / len(sent)
+    assert 0.72 < share < 0.78  # 3:1
+    counted = {
+        t: metrics.registry.get_sample_value(
+            "inference_extension_model_rewrite_decisions_total",
+            {"model_rewrite_name": "canary", "model_name": "m", "target_model": t},
+        )
+        for t in ("m-v1", "m-v2")
+    }
+    assert counted == {"m-v1": sent.count("m-v1"), "m-v2": sent.count("m-v2")}

@@ -94,13 +94,21 @@ class LeaderElector:
         log.info("leader election: %s campaigning for Lease %s/%s", s.identity, s.namespace, s.name)
         try:
             while True:
+                started = self._clock()
+                # A leader's attempt may not outlive its renew deadline: it must step down in time,
+                # before a follower (which waits the longer lease duration) can take over.
+                budget = self._renewed_at + s.renew_deadline_s - started if self.is_leader else None
                 try:
-                    ok = await self._try_acquire_or_renew()
+                    if budget is not None and budget <= 0:
+                        ok = False
+                    else:
+                        async with asyncio.timeout(budget):
+                            ok = await self._try_acquire_or_renew()
                 except Exception as exc:  # transport errors, timeouts: this attempt failed
                     log.warning("leader election: Lease %s/%s: %s: %s", s.namespace, s.name, type(exc).__name__, exc)
                     ok = False
                 if ok:
-                    self._renewed_at = self._clock()
+                    self._renewed_at = started  # the write happened after this: a conservative stamp
                     self._set_leader(True)
                 elif self.is_leader and self._clock() - self._renewed_at >= s.renew_deadline_s:
                     log.warning(

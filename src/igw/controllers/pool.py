@@ -54,11 +54,16 @@ class EndpointSync:
         self.reflector: Reflector | None = None
         self._task: asyncio.Task[None] | None = None
         self._written: tuple[Endpoint, ...] | None = None
+        self._reported: Reflector | None = None
+        """The watch whose first complete list was last reported through ``on_state``."""
 
     @property
     def synced(self) -> bool:
-        """A pool is set and its Pods have been listed (the store holds its endpoints)."""
-        return self.pool is not None and self.reflector is not None and self.reflector.synced
+        """A pool is set and the store holds its endpoints: listed by the current watch, or kept
+        from the previous one while a new selector's watch lists (readiness does not blink)."""
+        if self.pool is None:
+            return False
+        return (self.reflector is not None and self.reflector.synced) or self._written is not None
 
     def set_pool(self, pool: PoolInfo | None) -> None:
         if pool == self.pool:
@@ -97,9 +102,9 @@ class EndpointSync:
     def _on_pods(self, reflector: Reflector) -> None:
         if reflector is not self.reflector:
             return  # a watch that was replaced
-        was_synced = self._written is not None
         self._recompute()
-        if not was_synced:
+        if reflector.synced and self._reported is not reflector:  # this watch's first full list
+            self._reported = reflector
             self._on_state()
 
     def _recompute(self) -> None:

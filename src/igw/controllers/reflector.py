@@ -63,6 +63,9 @@ class WatchSettings:
     backoff_max_s: float = 30.0
     missing_retry_s: float = 60.0
     """A resource whose API is not installed (404 on list): look again after this long."""
+    watch_idle_timeout_s: float = 120.0
+    """A watch connection silent this long is dropped and re-opened from the last version: API
+    servers send a bookmark about every minute, so silence means a half-open connection."""
     quiet_watch_s: float = 1.0
     """A watch that ends sooner than this without an event counts as an error (no hot loop)."""
 
@@ -253,7 +256,11 @@ class Reflector:
                 resource_version=version,
                 allow_watch_bookmarks=True,
                 timeout_seconds=timeout,
-                _request_timeout=(self.settings.request_timeout_s, timeout + self.settings.request_timeout_s),
+                # (connect, time between reads): a half-open connection is noticed after the idle timeout
+                _request_timeout=(
+                    self.settings.request_timeout_s,
+                    min(timeout + self.settings.request_timeout_s, self.settings.watch_idle_timeout_s),
+                ),
             )
             async for event in events:
                 kind = event.get("type")

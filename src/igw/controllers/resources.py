@@ -217,6 +217,9 @@ def objective_priorities(objects: Iterable[Obj], pool_name: str, pool_group: str
 def _targets(raw: Any, where: str, *, name_key: str) -> tuple[RewriteTarget, ...]:
     if not isinstance(raw, list) or not raw:
         raise InvalidObject(f"{where}: no targets")
+    weighted = sum(1 for item in raw if isinstance(item, dict) and item.get("weight") is not None)
+    if name_key == "modelRewrite" and 0 < weighted < len(raw):  # InferenceModelRewrite: all or none
+        raise InvalidObject(f"{where}: give a weight to every target or to none")
     targets: list[RewriteTarget] = []
     for item in raw:
         model = item.get(name_key) if isinstance(item, dict) else None
