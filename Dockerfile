@@ -14,4 +14,4 @@ USER 65532
 # ext_proc, gRPC health, Prometheus metrics
 EXPOSE 9002 9003 9090
 ENTRYPOINT ["igw"]
-CMD ["run", "--no-envoy", "--host=0.0.0.0", "--help"]
+CMD ["--help"]  # the manifests give the arguments (run --no-envoy --pool-name ...)
