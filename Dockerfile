@@ -14,4 +14,5 @@ USER 65532
 # ext_proc, gRPC health, Prometheus metrics
 EXPOSE 9002 9003 9090
 ENTRYPOINT ["igw"]
-CMD ["--help"]  # the manifests give the arguments (run --no-envoy --pool-name ...)
+# The manifests give the arguments (run --no-envoy --pool-name ...).
+CMD ["--help"]
