@@ -4,6 +4,8 @@ Prints ``igw-sim: serving <models> on http://host:port`` per endpoint, then ``ig
 flushed), and runs until SIGINT/SIGTERM or ``--duration`` seconds; then stops and exits 0. Exit status 2
 means bad arguments, 1 that an endpoint could not be started (for example a port in use).
 
+``igw-sim replay ...`` runs a virtual-time replay instead (see :mod:`igw_sim.replay.cli`).
+
 Engine knobs start from ``--profile`` (a preset of :data:`igw_sim.profiles.PRESETS`) or from the
 built-in defaults, and every flag given on the command line overrides them. The block-hash seed defaults
 to ``$PYTHONHASHSEED`` like vLLM's, or ``vllm-none-hash`` when unset.
@@ -55,7 +57,10 @@ _SIMPLE_LATENCY = ("itl_ms", "itl_slowdown", "prefill_overhead_ms", "prefill_ms_
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser (exposed for ``--help`` rendering and tests)."""
     d = EngineConfig()
-    p = argparse.ArgumentParser(prog="igw-sim", description="Simulated vLLM (OpenAI API) endpoints.")
+    p = argparse.ArgumentParser(
+        prog="igw-sim",
+        description="Simulated vLLM (OpenAI API) endpoints. 'igw-sim replay --help': virtual-time policy replays.",
+    )
     where = p.add_mutually_exclusive_group()
     where.add_argument("--ports", help="comma-separated ports, e.g. 8001,8002 (0 = any free port)")
     where.add_argument("--count", type=int, help="number of endpoints on consecutive ports from --base-port")
@@ -179,8 +184,13 @@ async def _serve(fleet: SimFleet, duration: float | None, crash_after: float | N
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Parse ``argv`` (default ``sys.argv[1:]``), serve, and return the exit status."""
+    args_list = list(sys.argv[1:] if argv is None else argv)
+    if args_list and args_list[0] == "replay":
+        from igw_sim.replay.cli import main as replay_main
+
+        return replay_main(args_list[1:])
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parser.parse_args(args_list)
     try:
         ports = _ports(args)
         config = _engine_config(args)

@@ -8,7 +8,8 @@ Two naming styles:
     whose labels describe the cache; ``vllm:lora_requests_info`` (only with LoRA enabled) keeps one
     series per distinct ``(max_lora, running_lora_adapters, waiting_lora_adapters)`` label set, valued
     with the Unix time of its last update, so a reader takes the series with the largest value.
-    Latency histograms are in simulated seconds.
+    ``vllm:num_requests_waiting_by_reason`` splits the waiting count into ``reason="capacity"`` and
+    ``reason="deferred"`` (always 0 here). Latency histograms are in simulated seconds.
 ``sglang``
     The SGLang names routers read: ``sglang:num_running_reqs``, ``sglang:num_queue_reqs``,
     ``sglang:token_usage``, ``sglang:cache_config_info{page_size,num_pages}`` and a few counters and
@@ -84,6 +85,19 @@ class EngineCollector(Collector):
         stats = eng.stats
         yield self._gauge("vllm:num_requests_running", "Number of requests in model execution batches.", eng.running)
         yield self._gauge("vllm:num_requests_waiting", "Number of requests waiting to be processed.", eng.waiting)
+        # vLLM 0.32 splits the waiting count by reason; the simulator defers nobody across steps (a LoRA
+        # request skipped for the max_loras rule is back in the queue when the step ends), so every
+        # waiting request waits for capacity.
+        by_reason = GaugeMetricFamily(
+            "vllm:num_requests_waiting_by_reason",
+            "Number of waiting requests by reason. Reason labels: 'capacity' = waiting for scheduling capacity; "
+            "'deferred' = deferred by transient constraints (LoRA budget, KV transfer, blocked status). "
+            "Sum of all reasons equals vllm:num_requests_waiting.",
+            labels=[*self._names, "reason"],
+        )
+        by_reason.add_metric([*self._labels, "capacity"], eng.waiting)
+        by_reason.add_metric([*self._labels, "deferred"], 0)
+        yield by_reason
         yield self._gauge("vllm:kv_cache_usage_perc", "KV-cache usage. 1 means 100 percent usage.", eng.kv_usage)
         tokens = cfg.kv_blocks * cfg.block_size
         config_labels = {

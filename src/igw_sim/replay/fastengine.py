@@ -1,0 +1,804 @@
+"""The event-jumping engine: vLLM v1's scheduler over a run-length KV cache, in virtual time.
+
+:class:`FastEngine` computes what :class:`~igw_sim.scheduler.EngineCore` computes, step for step, with
+the same step time (:meth:`~igw_sim.profiles.LatencyProfile.step_ms` of the same
+:class:`~igw_sim.config.EngineConfig`) and the same scheduling rules, but its cost does not grow with
+the number of tokens or of running sequences:
+
+* **Decoding is aggregated.** Once prefilled, a request decodes one token per step until it finishes
+  (vLLM gives running requests their tokens first, and ``max_num_seqs <= max_num_batched_tokens``, so no
+  decoder ever waits), so a decoder is only ``(counter at join, computed tokens at join, finish
+  counter)``: the engine keeps a step counter ``K``, the number of decoders, the sum of their contexts
+  (the step's ``context_tokens``), a min-heap of finish counters, and a histogram of their positions
+  modulo the block size, from which it knows how many of them start a new block at each step. A step
+  costs O(1) whatever the batch size; a request costs O(log n) when it joins or leaves.
+* **Steps are jumped.** Between two events of an engine (an arrival, a request's first token or last
+  token, or the KV cache running out), every step is a decode step of the same batch, whose context grows
+  by one token per sequence: step ``k`` lasts ``A + B k`` exactly (``step_ms`` is affine in the context
+  with a fixed batch), so ``j`` steps take ``j A + B j (j - 1) / 2`` and :meth:`FastEngine.advance`
+  applies them at once.
+* **The KV cache is run-length.** A request's prompt is a path of trie nodes (see
+  :mod:`igw_sim.replay.requests`); the cache records, per node, how many of its blocks (a prefix of
+  them) are cached, and how many running requests hold them. The free queue holds runs, not blocks:
+  whole nodes nobody holds, and counts of *plain* blocks (never used, or a sequence's partial last
+  block). Freeing a request appends its partial block, then its nodes last-first, as vLLM appends a
+  block table in reverse; allocation takes from the front and trims the tail of a cached node, so a
+  prefix loses its tail first, as in vLLM.
+
+Where it differs from :class:`~igw_sim.scheduler.EngineCore` (all of it is tested in
+``tests/sim/test_sim_replay_agreement.py``):
+
+1. A node is cached or reclaimed as a whole run: a hit that the ``num_tokens - 1`` cap cuts one block
+   short takes that block out of the free queue with its node (vLLM leaves it there and computes a
+   copy; the number of free blocks is the same); two requests that compute the same uncached
+   block at the same time share it (vLLM keeps two copies); a node cached beyond a gap in its path is
+   reused (vLLM recomputes it); when a request takes cached blocks of a node it holds them all, so they
+   leave the free queue together.
+2. LoRA adapters only separate the caches; slots, the ``max_loras`` batch rule and load times are not
+   modelled (use the exact engine for LoRA studies).
+3. ``max_num_batched_tokens`` must be at least ``max_num_seqs``.
+"""
+
+from __future__ import annotations
+
+import heapq
+import math
+from collections import OrderedDict, deque
+
+from igw_sim.config import EngineConfig
+from igw_sim.replay.requests import SimRequest
+from igw_sim.replay.results import Recorder
+
+__all__ = ["FastEngine", "RejectedError"]
+
+_WAITING, _PREFILL, _DECODE, _DONE = 0, 1, 2, 3
+
+
+class RejectedError(Exception):
+    """The engine refused a request (vLLM's 400 or 429); ``status`` is the HTTP status."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+class _Node:
+    """Cache state of one trie node in one engine."""
+
+    __slots__ = ("n", "owner", "ref")
+
+    def __init__(self) -> None:
+        self.n = 0
+        """Cached (materialised) blocks of the node, from its first block."""
+        self.ref = 0
+        """Running requests that hold its blocks."""
+        self.owner: _Req | None = None
+        """The decoding request whose output this is: ``n`` then lags its progress (see ``_sync``)."""
+
+
+class _Req:
+    """One request inside one :class:`FastEngine`."""
+
+    __slots__ = (
+        "absorbed",
+        "alloc",
+        "base",
+        "c0",
+        "cached",
+        "computed",
+        "dup",
+        "est",
+        "finish_k",
+        "first_token",
+        "generated",
+        "hi",
+        "k0",
+        "lo",
+        "nodes",
+        "nref",
+        "num_tokens",
+        "out",
+        "partial",
+        "res",
+        "seq",
+        "sim",
+        "state",
+    )
+
+    def __init__(self, sim: SimRequest, block_size: int, caching: bool) -> None:
+        self.sim = sim
+        nodes: list[int] = []
+        lo: list[int] = []
+        hi: list[int] = []
+        first = 0
+        ends = sim.ends
+        out = False
+        for i, node in enumerate(sim.nodes):
+            stop = ends[i] // block_size
+            if stop > first:  # nodes that own no full block play no part in the cache
+                nodes.append(node if caching else -(sim.request_id * 4096 + i) - 1)
+                lo.append(first)
+                hi.append(stop)
+                out = True
+            else:
+                out = False
+            first = stop
+        self.out = out
+        """The last node is the output's."""
+        self.nodes = nodes
+        self.lo = lo
+        self.hi = hi
+        self.num_tokens = sim.prompt_tokens
+        self.computed = 0
+        self.alloc = 0
+        """Tokens the request holds KV slots for."""
+        self.partial = 0
+        """1 when it holds a private, partially filled last block."""
+        self.dup = 0
+        """Private copies of cached blocks it recomputes (see ``FastEngine._lookup``)."""
+        self.est = 0
+        """Uncached prompt tokens expected when it was queued (for predictions)."""
+        self.base = 0
+        """Blocks of its output node it held when it started decoding."""
+        self.absorbed = 0
+        """Blocks it has filled by decoding that extended its output node (the others are copies)."""
+        self.nref = 0
+        """Nodes ``[0, nref)`` are held."""
+        self.generated = 0
+        self.state = _WAITING
+        self.cached = -1
+        self.first_token = -1.0
+        self.seq = 0
+        self.k0 = self.c0 = self.res = self.finish_k = 0
+
+
+class FastEngine:
+    """One engine in virtual time (see the module docstring). Single-threaded; times in simulated seconds.
+
+    The driver calls :meth:`advance` with non-decreasing times, and :meth:`submit` at a request's arrival.
+    A step that starts before ``t`` is planned, and one that ends at or before ``t`` is applied: requests
+    submitted at ``t`` join the first step that starts at or after ``t``.
+    """
+
+    def __init__(
+        self, config: EngineConfig, *, index: int = 0, recorder: Recorder | None = None, predictions: bool = False
+    ) -> None:
+        if config.max_num_batched_tokens < config.max_num_seqs:
+            raise ValueError("the fast engine needs max_num_batched_tokens >= max_num_seqs (use the exact engine)")
+        self.config = config
+        self.index = index
+        self.recorder = recorder if recorder is not None else Recorder(index + 1)
+        self.profile = config.profile
+        self.bs = config.block_size
+        self.num_blocks = config.kv_blocks
+        self.caching = config.enable_prefix_caching
+        p = self.profile
+        self._kv_s_per_token = p.ms_per_kv_ktoken / 1e6
+        # cache
+        self.free = 0
+        self.nodes: dict[int, _Node] = {}
+        self.lru: OrderedDict[int, None] = OrderedDict()
+        """The free queue, front first: cached nodes (by node id) and runs of plain blocks (keys >= 2**64)."""
+        self.plain: dict[int, int] = {}
+        self._plain_key = 1 << 64
+        self._free_plain(config.kv_blocks)
+        # scheduler
+        self.predictions = predictions
+        """Keep the queued uncached tokens up to date, for :meth:`predicted_ttft` (costs a lookup per request)."""
+        self.pending_prefill = 0
+        self.waiting: deque[_Req] = deque()
+        self.running: dict[_Req, None] = {}
+        self.prefilling: _Req | None = None
+        # decoders
+        self.K = 0
+        self.n_dec = 0
+        self.ctx = 0
+        self.hist = [0] * self.bs
+        self.heap: list[tuple[int, int, _Req]] = []
+        self._seq = 0
+        # the step in flight
+        self._inflight = False
+        self._start = 0.0
+        self._end = 0.0
+        self._next: float | None = None
+        self._sched: list[tuple[_Req, int]] = []
+        self._step_dec = 0
+        # counters (vLLM's names)
+        self.prefix_queries = 0
+        self.prefix_hits = 0
+        self.preemptions = 0
+        self.steps = 0
+        self.busy_s = 0.0
+        self.generation_tokens = 0
+        self.evicted_blocks = 0
+
+    # -- what routers and scrapes read -------------------------------------------------------------
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self.waiting)
+
+    @property
+    def num_running(self) -> int:
+        return len(self.running)
+
+    @property
+    def kv_usage(self) -> float:
+        return 1.0 - self.free / self.num_blocks
+
+    @property
+    def idle(self) -> bool:
+        return not self._inflight and self._next is None
+
+    def cached_prefix_tokens(self, request: SimRequest) -> int:
+        """Prompt tokens of ``request`` that would hit this engine's cache now (capped like vLLM)."""
+        if not self.caching:
+            return 0
+        bs = self.bs
+        states = self.nodes
+        blocks = 0
+        start = 0
+        for node, end in zip(request.nodes[:-1], request.ends, strict=False):
+            first, stop = start // bs, end // bs
+            start = end
+            if stop == first:
+                continue
+            st = states.get(node)
+            if st is None:
+                break
+            if st.owner is not None:
+                self._sync(st, st.owner)
+            if st.n < stop - first:
+                blocks = first + st.n
+                break
+            blocks = stop
+        return min(blocks, (request.prompt_tokens - 1) // bs) * bs
+
+    def predicted_ttft(self, request: SimRequest, now: float) -> float:
+        """A prediction of the request's TTFT if it arrived now, from the engine's true state.
+
+        Queueing plus prefill: the uncached prompt tokens already queued (and the rest of a chunked prompt)
+        and this request's own are computed in chunks of the budget left by the decoders, each chunk a step
+        of ``step_ms``; when no running slot is free, add the time until enough decoders finish. KV
+        pressure and later arrivals are ignored.
+        """
+        self.advance(now)
+        cfg = self.config
+        wait = max(self._end - now, 0.0) if self._inflight else 0.0
+        mine = request.prompt_tokens - self.cached_prefix_tokens(request)
+        if self.predictions:
+            ahead = self.pending_prefill
+        else:
+            ahead = sum(r.num_tokens - self._hit_blocks(r) * self.bs for r in self.waiting)
+        p = self.prefilling
+        if p is not None:
+            ahead += p.num_tokens - p.alloc
+        tokens = ahead + mine
+        chunk = max(cfg.max_num_batched_tokens - self.n_dec, 1)
+        steps = -(-tokens // chunk)
+        step_s = (
+            self.profile.step_ms(prefill_tokens=min(tokens, chunk), decode_seqs=self.n_dec, context_tokens=self.ctx)
+            / 1000.0
+        )
+        prefill = steps * step_s
+        short = len(self.running) + len(self.waiting) + 1 - cfg.max_num_seqs
+        if short > 0:
+            left = sorted(fk - self.K for fk, _, r in self.heap if r.state == _DECODE and r.finish_k == fk)
+            decode_s = self.profile.step_ms(prefill_tokens=0, decode_seqs=self.n_dec, context_tokens=self.ctx) / 1000.0
+            steps_left = left[short - 1] if short <= len(left) else (left[-1] if left else 0) * 2 + 1
+            slot = steps_left * decode_s + (-(-mine // chunk)) * step_s
+            prefill = max(prefill, slot)
+        return wait + prefill
+
+    # -- driving -----------------------------------------------------------------------------------
+
+    def submit(self, request: SimRequest, now: float) -> None:
+        """A request arrives at ``now``. Raises :class:`RejectedError` like vLLM's admission checks."""
+        cfg = self.config
+        total = request.prompt_tokens + request.output_tokens
+        if total > cfg.max_model_len:
+            raise RejectedError(400, f"prompt + max_tokens = {total} exceeds max_model_len {cfg.max_model_len}")
+        if -(-total // self.bs) > self.num_blocks:
+            raise RejectedError(400, f"the request needs {total} tokens of KV cache")
+        self.advance(now)
+        if len(self.running) >= cfg.max_num_seqs and len(self.waiting) >= cfg.max_waiting:
+            raise RejectedError(429, "waiting queue is full")
+        r = _Req(request, self.bs, self.caching)
+        if self.predictions:
+            r.est = r.num_tokens - self._hit_blocks(r) * self.bs
+            self.pending_prefill += r.est
+        self.waiting.append(r)
+        rec = self.recorder
+        if len(self.waiting) > rec.max_waiting[self.index]:
+            rec.max_waiting[self.index] = len(self.waiting)
+        if not self._inflight and self._next is None:
+            self._next = now
+
+    def advance(self, t: float) -> None:
+        """Apply every step that ends at or before ``t``; plan the one that starts before ``t``."""
+        while True:
+            if self._inflight:
+                if self._end > t:
+                    return
+                self._complete()
+            s = self._next
+            if s is None or s >= t:
+                return
+            if self.n_dec and self.prefilling is None and self._stable():
+                j = self._jump_steps(s, t)
+                if j > 0:
+                    self._jump(s, j)
+                    continue
+            self._plan(s)
+
+    def next_wake(self) -> float:
+        """When the next request may finish, if nothing arrives (``inf`` when idle); never too late."""
+        if self._inflight:
+            base, pending = self._end, 1
+        elif self._next is not None:
+            base, pending = self._next, 0
+        else:
+            return math.inf
+        if not self.n_dec or self.prefilling is not None or self._sched or not self._stable():
+            return self._end if self._inflight else base
+        heap = self.heap
+        while heap and (heap[0][2].state != _DECODE or heap[0][2].finish_k != heap[0][0]):
+            heapq.heappop(heap)
+        left = heap[0][0] - self.K - pending
+        if left <= 0:
+            return self._end if self._inflight else base
+        a = (
+            self.profile.step_ms(
+                prefill_tokens=0, decode_seqs=self.n_dec, context_tokens=self.ctx + pending * self.n_dec
+            )
+            / 1000.0
+        )
+        b = self.n_dec * self._kv_s_per_token
+        return base + left * a + b * left * (left - 1) / 2.0
+
+    # -- cache -------------------------------------------------------------------------------------
+
+    def _lookup(self, r: _Req) -> tuple[int, int]:
+        """``(hit blocks, duplicate blocks)`` if ``r`` were admitted now.
+
+        The hit is capped at ``num_tokens - 1`` tokens. When the cap leaves out a cached block that a
+        running request holds, vLLM computes a second copy of it: that is the one duplicate block. (When
+        nobody holds it, vLLM leaves it in the free queue while this model takes the whole node: the same
+        number of free blocks.)
+        """
+        states = self.nodes
+        blocks = 0
+        last: _Node | None = None
+        for node, first, stop in zip(r.nodes, r.lo, r.hi, strict=True):
+            st = states.get(node)
+            if st is None:
+                break
+            if st.owner is not None:
+                self._sync(st, st.owner)
+            last = st
+            if st.n < stop - first:
+                blocks = first + st.n
+                break
+            blocks = stop
+        cap = (r.num_tokens - 1) // self.bs
+        if blocks <= cap:
+            return blocks, 0
+        return cap, 1 if last is not None and last.ref > 0 else 0
+
+    def _hit_blocks(self, r: _Req) -> int:
+        return self._lookup(r)[0]
+
+    def _need(self, r: _Req, new_total: int) -> int:
+        """Free blocks that growing ``r``'s allocation to ``new_total`` tokens takes (reclaims included)."""
+        full = new_total // self.bs
+        need = (1 if new_total % self.bs else 0) - r.partial
+        states = self.nodes
+        nodes, lo, hi = r.nodes, r.lo, r.hi
+        nref = r.nref
+        i = nref - 1 if nref else 0
+        while i < len(nodes):
+            first = lo[i]
+            if first >= full:
+                break
+            target = min(hi[i], full) - first
+            st = states.get(nodes[i])
+            if st is None:
+                need += target
+            else:
+                if i >= nref and st.ref == 0:
+                    need += st.n
+                if target > st.n:
+                    need += target - st.n
+            i += 1
+        return need
+
+    def _grow(self, r: _Req, new_total: int) -> None:
+        """Hold KV slots for ``new_total`` tokens of ``r`` (the caller checked :meth:`_need`)."""
+        full = new_total // self.bs
+        states = self.nodes
+        lru = self.lru
+        nodes, lo, hi = r.nodes, r.lo, r.hi
+        old = r.nref
+        i = old
+        while i < len(nodes) and lo[i] < full:
+            node = nodes[i]
+            st = states.get(node)
+            if st is None:
+                st = states[node] = _Node()
+            elif st.ref == 0 and st.n:
+                del lru[node]
+                self.free -= st.n
+            st.ref += 1
+            i += 1
+        r.nref = i
+        ext = 0
+        for k in range(old - 1 if old else 0, i):
+            st = states[nodes[k]]
+            target = min(hi[k], full) - lo[k]
+            if target > st.n:
+                ext += target - st.n
+                st.n = target
+        partial = 1 if new_total % self.bs else 0
+        ext += partial - r.partial
+        r.partial = partial
+        r.alloc = new_total
+        if ext > 0:
+            self._take(ext)
+        else:
+            self._free_plain(-ext)
+
+    def _take(self, k: int) -> None:
+        """Take ``k`` free blocks from the front of the free queue, evicting the cached ones taken."""
+        self.free -= k
+        lru = self.lru
+        plain = self.plain
+        states = self.nodes
+        while k:
+            key = next(iter(lru))
+            count = plain.get(key)
+            if count is not None:
+                if count > k:
+                    plain[key] = count - k
+                    return
+                k -= count
+                del plain[key]
+                del lru[key]
+                continue
+            st = states[key]
+            if st.n > k:
+                st.n -= k
+                self.evicted_blocks += k
+                return
+            k -= st.n
+            self.evicted_blocks += st.n
+            del lru[key]
+            del states[key]
+
+    def _free_plain(self, k: int) -> None:
+        """Append ``k`` blocks that hold no cached content to the free queue."""
+        if k <= 0:
+            return
+        self.free += k
+        lru = self.lru
+        if lru:
+            last = next(reversed(lru))
+            if last in self.plain:
+                self.plain[last] += k
+                return
+        key = self._plain_key
+        self._plain_key += 1
+        self.plain[key] = k
+        lru[key] = None
+
+    def _release(self, r: _Req) -> None:
+        """Give back ``r``'s blocks, last first; cached ones stay cached until evicted."""
+        self._free_plain(r.partial + r.dup)
+        r.partial = r.dup = 0
+        states = self.nodes
+        lru = self.lru
+        caching = self.caching
+        nodes = r.nodes
+        for i in range(r.nref - 1, -1, -1):
+            node = nodes[i]
+            st = states[node]
+            st.ref -= 1
+            if st.ref == 0:
+                if st.n and caching:
+                    lru[node] = None
+                    self.free += st.n
+                else:
+                    self._free_plain(st.n)
+                    del states[node]
+        r.nref = 0
+        r.alloc = 0
+
+    # -- decoders ----------------------------------------------------------------------------------
+
+    def _sync(self, st: _Node, owner: _Req) -> None:
+        """Bring a decoding request's output node up to the blocks its tokens filled so far (vLLM caches
+        each block of generated tokens as soon as it is full, so a later request can hit it)."""
+        target = min((owner.c0 + self.K - owner.k0) // self.bs, owner.hi[-1]) - owner.lo[-1]
+        if target > st.n:
+            owner.absorbed += target - st.n
+            st.n = target
+
+    def _join(self, r: _Req) -> None:
+        """``r`` sampled a token and will decode one token per step from the next step on."""
+        if r.out and r.nref < len(r.nodes):  # hold the output node, which decoding fills block by block
+            node = r.nodes[-1]
+            st = self.nodes.get(node)
+            if st is None:
+                st = self.nodes[node] = _Node()
+            elif st.ref == 0 and st.n:  # a stale copy of this output: drop it
+                del self.lru[node]
+                self.free -= st.n
+                self._free_plain(st.n)
+                st.n = 0
+            st.ref += 1
+            st.owner = r
+            r.nref = len(r.nodes)
+        elif r.out:
+            self.nodes[r.nodes[-1]].owner = r
+        r.state = _DECODE
+        k = self.K
+        c = r.computed
+        if r.out:
+            r.base = max(min(c // self.bs, r.hi[-1]) - r.lo[-1], 0)
+            r.absorbed = 0
+        r.k0 = k
+        r.c0 = c
+        r.res = (c - k) % self.bs
+        self.hist[r.res] += 1
+        self.n_dec += 1
+        self.ctx += c
+        r.finish_k = k + r.sim.output_tokens - r.generated
+        heapq.heappush(self.heap, (r.finish_k, r.seq, r))
+
+    def _leave(self, r: _Req) -> None:
+        """``r`` stops decoding (finished or preempted): settle its counters and its output blocks."""
+        c = r.c0 + self.K - r.k0
+        self.n_dec -= 1
+        self.ctx -= c
+        self.hist[r.res] -= 1
+        r.generated += self.K - r.k0
+        r.computed = c
+        r.num_tokens = c + 1
+        r.alloc = c
+        r.partial = 1 if c % self.bs else 0
+        if r.out:
+            st = self.nodes[r.nodes[-1]]
+            self._sync(st, r)
+            st.owner = None
+            # Output blocks it filled that another request had already computed (quoting the answer
+            # while it was generated) are private copies.
+            own = max(min(c // self.bs, r.hi[-1]) - r.lo[-1], 0)
+            r.dup += own - r.base - r.absorbed
+
+    def _finish(self, r: _Req, now: float) -> None:
+        if r.state == _DECODE:
+            self._leave(r)
+        r.state = _DONE
+        del self.running[r]
+        self._release(r)
+        self.recorder.finish(r.sim, self.index, r.first_token, now, r.cached)
+
+    def _preempt(self, r: _Req) -> None:
+        if r.state == _DECODE:
+            self._leave(r)
+        else:
+            self.prefilling = None
+        del self.running[r]
+        self._release(r)
+        r.computed = 0
+        r.state = _WAITING
+        if self.predictions:
+            r.est = r.num_tokens - self._hit_blocks(r) * self.bs
+            self.pending_prefill += r.est
+        self.waiting.appendleft(r)
+        self.preemptions += 1
+
+    # -- steps -------------------------------------------------------------------------------------
+
+    def _stable(self) -> bool:
+        """No waiting request can be admitted until a request finishes (so the batch stays as it is)."""
+        if not self.waiting or len(self.running) >= self.config.max_num_seqs:
+            return True
+        head = self.waiting[0]
+        blocks, dup = self._lookup(head)
+        hit = blocks * self.bs
+        budget = self.config.max_num_batched_tokens - self.n_dec
+        need = self._need(head, hit + min(head.num_tokens - hit, budget)) + dup
+        return need > self.free - self.hist[(-self.K) % self.bs]
+
+    def _jump_steps(self, s: float, t: float) -> int:
+        """How many decode-only steps can be applied at once: all end by ``t``, only the last may finish
+        requests, none runs out of blocks."""
+        heap = self.heap
+        while heap and (heap[0][2].state != _DECODE or heap[0][2].finish_k != heap[0][0]):
+            heapq.heappop(heap)
+        j = heap[0][0] - self.K  # up to the step that finishes the first request
+        if j <= 0:
+            return 0
+        n = self.n_dec
+        bs = self.bs
+        # KV: n blocks every bs steps; count whole cycles, then walk the next one.
+        cycles = self.free // n
+        if cycles * bs < j:
+            used = cycles * n
+            walk = cycles * bs
+            hist = self.hist
+            k = self.K + walk
+            while walk < j:
+                need = hist[(-k) % bs]
+                if used + need > self.free:
+                    break
+                used += need
+                walk += 1
+                k += 1
+            j = walk
+            if j <= 0:
+                return 0
+        if t != math.inf:
+            a = self.profile.step_ms(prefill_tokens=0, decode_seqs=n, context_tokens=self.ctx) / 1000.0
+            b = n * self._kv_s_per_token
+            span = t - s
+            if b > 0:
+                half = a - b / 2.0
+                jt = int((-half + math.sqrt(half * half + 2.0 * b * span)) / b)
+            elif a > 0:
+                jt = int(span / a)
+            else:
+                jt = j
+            jt = max(jt, 0)
+            while jt > 0 and jt * a + b * jt * (jt - 1) / 2.0 > span:
+                jt -= 1
+            while jt < j and (jt + 1) * a + b * (jt + 1) * jt / 2.0 <= span:
+                jt += 1
+            j = min(j, jt)
+        return j
+
+    def _jump(self, s: float, j: int) -> None:
+        """Apply ``j`` decode-only steps starting at ``s`` (see :meth:`_jump_steps`)."""
+        n = self.n_dec
+        bs = self.bs
+        a = self.profile.step_ms(prefill_tokens=0, decode_seqs=n, context_tokens=self.ctx) / 1000.0
+        b = n * self._kv_s_per_token
+        span = j * a + b * j * (j - 1) / 2.0
+        cycles, rest = divmod(j, bs)
+        blocks = cycles * n
+        hist = self.hist
+        k = self.K + cycles * bs
+        for _ in range(rest):
+            blocks += hist[(-k) % bs]
+            k += 1
+        if blocks:
+            self._take(blocks)
+        self.K += j
+        self.ctx += j * n
+        self.steps += j
+        self.busy_s += span
+        self.generation_tokens += j * n
+        now = self._next = s + span
+        heap = self.heap
+        k = self.K
+        while heap and heap[0][0] <= k:
+            fk, _, r = heapq.heappop(heap)
+            if r.state == _DECODE and r.finish_k == fk:
+                self._finish(r, now)
+
+    def _plan(self, now: float) -> None:
+        """Schedule one step at ``now`` (vLLM's ``schedule``): running requests, then waiting ones."""
+        cfg = self.config
+        bs = self.bs
+        budget = cfg.max_num_batched_tokens - self.n_dec
+        dec_need = self.hist[(-self.K) % bs] if self.n_dec else 0
+        sched: list[tuple[_Req, int]] = []
+        p = self.prefilling
+        p_new = 0
+        p_need = 0
+        if p is not None and budget > 0:
+            p_new = min(p.num_tokens - p.computed, budget)
+            p_need = self._need(p, p.computed + p_new)
+        preempted = False
+        if dec_need + p_need > self.free:
+            # vLLM preempts the last running request until the allocations fit (recompute mode).
+            if p is not None:
+                self._preempt(p)
+                p = None
+                p_need = p_new = 0
+            while dec_need > self.free and self.running:
+                victim = next(reversed(self.running))
+                if victim.res == (-self.K) % bs:
+                    dec_need -= 1
+                self._preempt(victim)
+            budget = cfg.max_num_batched_tokens - self.n_dec
+            preempted = True
+        if dec_need:
+            self._take(dec_need)
+        if p is not None and p_new:
+            self._grow(p, p.computed + p_new)
+            sched.append((p, p_new))
+            budget -= p_new
+        if not preempted:
+            waiting = self.waiting
+            running = self.running
+            while waiting and budget > 0 and len(running) < cfg.max_num_seqs:
+                r = waiting[0]
+                blocks, dup = self._lookup(r)
+                hit = blocks * bs
+                num_new = min(r.num_tokens - hit, budget)
+                if self._need(r, hit + num_new) + dup > self.free:
+                    break
+                waiting.popleft()
+                self.pending_prefill -= r.est
+                self._grow(r, hit + num_new)
+                if dup:
+                    r.dup = dup
+                    self._take(dup)
+                r.computed = hit
+                r.state = _PREFILL
+                self._seq += 1
+                r.seq = self._seq
+                running[r] = None
+                if r.cached < 0:
+                    r.cached = hit
+                    self.prefix_queries += r.num_tokens
+                    self.prefix_hits += hit
+                if num_new < r.num_tokens - hit:
+                    self.prefilling = r
+                sched.append((r, num_new))
+                budget -= num_new
+        n = self.n_dec
+        if not sched and not n:
+            self._next = None
+            return
+        prefill = 0
+        ctx = self.ctx
+        for r, num_new in sched:
+            prefill += num_new
+            ctx += r.computed
+        ms = self.profile.step_ms(prefill_tokens=prefill, decode_seqs=n, context_tokens=ctx)
+        self._sched = sched
+        self._step_dec = n
+        self._inflight = True
+        self._start = now
+        self._end = now + ms / 1000.0
+
+    def _complete(self) -> None:
+        """Apply the step in flight at its end (vLLM's ``update_from_output``)."""
+        now = self._end
+        self._inflight = False
+        self._next = now
+        self.steps += 1
+        self.busy_s += now - self._start
+        n = self._step_dec
+        if n:
+            self.K += 1
+            self.ctx += n
+            self.generation_tokens += n
+            heap = self.heap
+            k = self.K
+            while heap and heap[0][0] <= k:
+                fk, _, r = heapq.heappop(heap)
+                if r.state == _DECODE and r.finish_k == fk:
+                    self._finish(r, now)
+        sched = self._sched
+        if sched:
+            self._sched = []
+            for r, num_new in sched:
+                if r.state != _PREFILL:
+                    continue
+                r.computed += num_new
+                if r.computed < r.num_tokens:
+                    continue  # a chunk of a long prompt: no token yet
+                if self.prefilling is r:
+                    self.prefilling = None
+                r.generated += 1
+                r.num_tokens += 1
+                self.generation_tokens += 1
+                if r.first_token < 0:
+                    r.first_token = now
+                if r.generated >= r.sim.output_tokens:
+                    self._finish(r, now)
+                else:
+                    self._join(r)

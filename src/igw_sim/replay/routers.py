@@ -1,0 +1,390 @@
+"""Routing policies for replays, and the two small protocols between a policy and the replay.
+
+A policy implements :class:`Router`: ``route(request, engines) -> index``, plus ``on_complete`` for the
+policies that count their own in-flight requests. It sees each engine through an :class:`EngineView`
+of plain numbers, so anything that can compute a choice from those (the igw scheduler behind an adapter,
+say) can be replayed without ``igw_sim`` importing it.
+
+What a view holds depends on the policy's ``true_state``:
+
+* ``False`` (every realistic policy): the engine's metrics as of the last scrape (``waiting``,
+  ``running``, ``kv_usage``; every ``scrape_interval``, 50 ms by default) and ``dispatched``, the
+  requests this policy routed there since that scrape. ``cached_prefix_tokens`` and ``predicted_ttft``
+  return ``None``.
+* ``True`` (the oracle): live values, plus the true cached prefix of the request and the engine's own
+  TTFT prediction.
+
+Built-in policies (:data:`ROUTERS`):
+
+``random``, ``round-robin``
+    The baselines.
+``least-queue``
+    The smallest ``waiting + running + dispatched``; ties broken at random.
+``prefix-load``
+    igw's default scorer set, approximated: ``2 x queue + 2 x kv + 3 x prefix``, max score wins (ties at
+    random). ``queue`` is min-max normalised ``waiting + dispatched`` (1.0 when all are equal), ``kv`` is
+    ``1 - kv_usage``, ``prefix`` the matched fraction of the prompt's chunks in an approximate index like
+    the reference EPP's: chunks of 64 characters (16 tokens at 4 characters per token) including a
+    trailing partial one, at most 256 per prompt, recorded for the chosen engine after each decision, in a
+    per-engine LRU of 31,250 chunks.
+``cache-aware``
+    SGLang's ``cache_aware`` (``reference/scheduling-anchors.md`` section 3.5) with its CLI defaults:
+    when ``max - min load > 64`` and ``max > 1.5 x min`` (load = the policy's own in-flight count), the
+    least loaded engine; otherwise the engine with the longest cached prefix in an approximate radix tree
+    when it covers more than 30 % of the prompt, else the engine with the smallest tree. The tree is kept
+    per segment (the prompt text is whole segments); every 120 s the least recently used segments are
+    evicted until each engine's tree holds at most 2**26 characters.
+``oracle``
+    The smallest predicted TTFT (queueing + uncached prefill from the engine's true state, see
+    ``FastEngine.predicted_ttft``), ties to the fewest running requests. The bound that the others are
+    compared with below saturation; it is greedy, and past saturation it trades cache hits for short
+    queues and does worse than the cache-aware policies (see ``docs/simulator.md`` section 6.4).
+"""
+
+from __future__ import annotations
+
+import random
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
+from typing import Protocol
+
+from igw_sim.replay.requests import SimRequest, chunk_runs
+
+__all__ = [
+    "ROUTERS",
+    "CacheAwareRouter",
+    "EngineView",
+    "LeastQueueRouter",
+    "OracleRouter",
+    "PrefixLoadRouter",
+    "RandomRouter",
+    "RoundRobinRouter",
+    "Router",
+    "make_router",
+]
+
+
+class EngineView(Protocol):
+    """What a policy knows of one engine when it routes."""
+
+    @property
+    def index(self) -> int: ...
+    @property
+    def waiting(self) -> int: ...
+    @property
+    def running(self) -> int: ...
+    @property
+    def kv_usage(self) -> float:
+        """Fraction of KV blocks in use, in ``[0, 1]``."""
+
+    @property
+    def dispatched(self) -> int:
+        """Requests this policy routed here since the metrics were scraped (0 for live views)."""
+
+    @property
+    def block_size(self) -> int: ...
+    @property
+    def num_gpu_blocks(self) -> int: ...
+    @property
+    def max_num_seqs(self) -> int: ...
+    @property
+    def now(self) -> float:
+        """The current simulated time."""
+
+    def cached_prefix_tokens(self, request: SimRequest) -> int | None:
+        """True cached prefix of ``request`` in tokens (live views only; ``None`` otherwise)."""
+
+    def predicted_ttft(self, request: SimRequest) -> float | None:
+        """The engine's own TTFT prediction in seconds (live views only; ``None`` otherwise)."""
+
+
+class Router(Protocol):
+    """A routing policy. ``route`` must return an index into ``engines``."""
+
+    name: str
+    true_state: bool
+    """Give this policy live views (the oracle) instead of scraped ones."""
+    needs_completions: bool
+    """Call :meth:`on_complete` as soon as each request finishes (costs the replay some speed)."""
+
+    def route(self, request: SimRequest, engines: Sequence[EngineView]) -> int: ...
+    def on_complete(self, request: SimRequest, engine: int) -> None: ...
+
+
+class _Base:
+    name = "base"
+    true_state = False
+    needs_completions = False
+
+    def __init__(self, seed: int = 0) -> None:
+        self.rng = random.Random(seed)
+
+    def on_complete(self, request: SimRequest, engine: int) -> None:
+        return None
+
+    def _pick_min(self, values: Sequence[float]) -> int:
+        best = min(values)
+        ties = [i for i, v in enumerate(values) if v == best]
+        return ties[0] if len(ties) == 1 else self.rng.choice(ties)
+
+
+class RandomRouter(_Base):
+    name = "random"
+
+    def route(self, request: SimRequest, engines: Sequence[EngineView]) -> int:
+        return self.rng.randrange(len(engines))
+
+
+class RoundRobinRouter(_Base):
+    name = "round-robin"
+
+    def __init__(self, seed: int = 0) -> None:
+        super().__init__(seed)
+        self._next = 0
+
+    def route(self, request: SimRequest, engines: Sequence[EngineView]) -> int:
+        i = self._next % len(engines)
+        self._next = i + 1
+        return i
+
+
+class LeastQueueRouter(_Base):
+    name = "least-queue"
+
+    def route(self, request: SimRequest, engines: Sequence[EngineView]) -> int:
+        return self._pick_min([v.waiting + v.running + v.dispatched for v in engines])
+
+
+class _ChunkIndex:
+    """Per-engine LRU of chunk runs ``node -> chunks`` and the reverse index ``node -> {engine: chunks}``."""
+
+    def __init__(self, engines: int, capacity: int) -> None:
+        self.capacity = capacity
+        self.lru: list[OrderedDict[int, int]] = [OrderedDict() for _ in range(engines)]
+        self.size = [0] * engines
+        self.holders: dict[int, dict[int, int]] = {}
+
+    def match(self, runs: list[tuple[int, int]]) -> dict[int, int]:
+        """Chunks matched from the start of the prompt, per engine that matches at least one."""
+        matched: dict[int, int] = {}
+        alive: list[int] | None = None
+        holders = self.holders
+        for node, count in runs:
+            have = holders.get(node)
+            if not have:
+                break
+            nxt: list[int] = []
+            for e in have if alive is None else alive:
+                got = have.get(e, 0)
+                if got:
+                    matched[e] = matched.get(e, 0) + min(got, count)
+                    if got >= count:
+                        nxt.append(e)
+            if not nxt:
+                break
+            alive = nxt
+        return matched
+
+    def insert(self, engine: int, runs: list[tuple[int, int]]) -> None:
+        lru = self.lru[engine]
+        holders = self.holders
+        for node, count in runs:
+            old = lru.get(node)
+            if old is None:
+                lru[node] = count
+                self.size[engine] += count
+                holders.setdefault(node, {})[engine] = count
+            else:
+                if count > old:
+                    lru[node] = count
+                    self.size[engine] += count - old
+                    holders[node][engine] = count
+                lru.move_to_end(node)
+        while self.size[engine] > self.capacity and lru:
+            node, count = lru.popitem(last=False)
+            self.size[engine] -= count
+            have = holders[node]
+            del have[engine]
+            if not have:
+                del holders[node]
+
+
+class PrefixLoadRouter(_Base):
+    name = "prefix-load"
+
+    def __init__(
+        self,
+        seed: int = 0,
+        *,
+        queue_weight: float = 2.0,
+        kv_weight: float = 2.0,
+        prefix_weight: float = 3.0,
+        chunk_chars: int = 64,
+        chars_per_token: int = 4,
+        max_chunks: int = 256,
+        lru_capacity: int = 31_250,
+    ) -> None:
+        super().__init__(seed)
+        self.weights = (queue_weight, kv_weight, prefix_weight)
+        self.chunk_tokens = max(chunk_chars // chars_per_token, 1)
+        self.max_chunks = max_chunks
+        self.lru_capacity = lru_capacity
+        self._index: _ChunkIndex | None = None
+
+    def route(self, request: SimRequest, engines: Sequence[EngineView]) -> int:
+        index = self._index
+        if index is None:
+            index = self._index = _ChunkIndex(len(engines), self.lru_capacity)
+        runs = chunk_runs(request, self.chunk_tokens, partial=True, max_chunks=self.max_chunks)
+        total = sum(count for _, count in runs)
+        matched = index.match(runs)
+        wq, wkv, wp = self.weights
+        queues = [v.waiting + v.dispatched for v in engines]
+        qmin = min(queues)
+        qmax = max(queues)
+        if qmax == qmin:
+            scores = [wq + wkv * (1.0 - v.kv_usage) for v in engines]
+        else:
+            qs = wq / (qmax - qmin)
+            scores = [qs * (qmax - q) + wkv * (1.0 - v.kv_usage) for q, v in zip(queues, engines, strict=True)]
+        if total:
+            prefix = wp / total
+            for i, m in matched.items():
+                scores[i] += prefix * m
+        best = max(scores)
+        ties = [i for i, score in enumerate(scores) if score == best]
+        choice = ties[0] if len(ties) == 1 else self.rng.choice(ties)
+        index.insert(choice, runs)
+        return choice
+
+
+class CacheAwareRouter(_Base):
+    name = "cache-aware"
+    needs_completions = True
+
+    def __init__(
+        self,
+        seed: int = 0,
+        *,
+        cache_threshold: float = 0.3,
+        balance_abs_threshold: int = 64,
+        balance_rel_threshold: float = 1.5,
+        eviction_interval_s: float = 120.0,
+        max_tree_size: int = 2**26,
+        chars_per_token: int = 4,
+    ) -> None:
+        super().__init__(seed)
+        self.cache_threshold = cache_threshold
+        self.balance_abs = balance_abs_threshold
+        self.balance_rel = balance_rel_threshold
+        self.eviction_interval = eviction_interval_s
+        self.max_tree_chars = max_tree_size
+        self.cpt = chars_per_token
+        self.load: list[int] = []
+        self.trees: list[OrderedDict[int, int]] = []
+        """Per engine: segment node -> its length in characters, least recently used first."""
+        self.tree_chars: list[int] = []
+        self.holders: dict[int, set[int]] = {}
+        self._last_eviction = 0.0
+
+    def route(self, request: SimRequest, engines: Sequence[EngineView]) -> int:
+        n = len(engines)
+        if not self.load:
+            self.load = [0] * n
+            self.trees = [OrderedDict() for _ in range(n)]
+            self.tree_chars = [0] * n
+        now = engines[0].now
+        if now - self._last_eviction >= self.eviction_interval:
+            self._evict()
+            self._last_eviction = now
+        load = self.load
+        lo, hi = min(load), max(load)
+        nodes = request.nodes[:-1]
+        if hi - lo > self.balance_abs and hi > self.balance_rel * lo:
+            choice = load.index(lo)
+        else:
+            matched: dict[int, int] = {}
+            alive: set[int] | None = None
+            for node, end in zip(nodes, request.ends, strict=False):
+                have = self.holders.get(node)
+                if not have:
+                    break
+                alive = set(have) if alive is None else alive & have
+                if not alive:
+                    break
+                for e in alive:
+                    matched[e] = end
+            best_len = max(matched.values()) if matched else 0
+            if best_len / request.prompt_tokens > self.cache_threshold:
+                cands = [e for e, m in matched.items() if m == best_len]
+                choice = min(cands, key=lambda e: (load[e], e))
+            else:
+                chars = self.tree_chars
+                choice = chars.index(min(chars))
+        load[choice] += 1
+        self._insert(choice, request)
+        return choice
+
+    def on_complete(self, request: SimRequest, engine: int) -> None:
+        if self.load:
+            self.load[engine] -= 1
+
+    def _insert(self, engine: int, request: SimRequest) -> None:
+        tree = self.trees[engine]
+        start = 0
+        for node, end in zip(request.nodes[:-1], request.ends, strict=False):
+            if node in tree:
+                tree.move_to_end(node)
+            else:
+                chars = (end - start) * self.cpt
+                tree[node] = chars
+                self.tree_chars[engine] += chars
+                self.holders.setdefault(node, set()).add(engine)
+            start = end
+
+    def _evict(self) -> None:
+        for engine, tree in enumerate(self.trees):
+            while self.tree_chars[engine] > self.max_tree_chars and tree:
+                node, chars = tree.popitem(last=False)
+                self.tree_chars[engine] -= chars
+                have = self.holders[node]
+                have.discard(engine)
+                if not have:
+                    del self.holders[node]
+
+
+class OracleRouter(_Base):
+    name = "oracle"
+    true_state = True
+
+    def route(self, request: SimRequest, engines: Sequence[EngineView]) -> int:
+        best = (float("inf"), 0)
+        choice = 0
+        for i, v in enumerate(engines):
+            ttft = v.predicted_ttft(request)
+            if ttft is None:
+                raise ValueError("the oracle needs live engine views")
+            key = (ttft, v.running + v.waiting)
+            if key < best:
+                best = key
+                choice = i
+        return choice
+
+
+ROUTERS: dict[str, Callable[[int], Router]] = {
+    "random": RandomRouter,
+    "round-robin": RoundRobinRouter,
+    "least-queue": LeastQueueRouter,
+    "prefix-load": PrefixLoadRouter,
+    "cache-aware": CacheAwareRouter,
+    "oracle": OracleRouter,
+}
+"""Built-in policies by name; each factory takes a seed."""
+
+
+def make_router(name: str, seed: int = 0) -> Router:
+    try:
+        factory = ROUTERS[name]
+    except KeyError:
+        raise ValueError(f"unknown policy {name!r} (choose from {', '.join(ROUTERS)})") from None
+    return factory(seed)
