@@ -812,3 +812,16 @@ def test_odd_but_valid_json_bodies_hash_without_errors(path: str, body: dict[str
     request = InferenceRequest(request_id="r", model="m", path=path, body_size=100, body=body)
     data = (rendered_input if scheme == "rendered" else reference_input)(request, 4096)
     assert isinstance(data, bytes)
+
+
+def test_a_fallback_that_served_gets_the_blocks_recorded() -> None:
+    prod = producer()
+    a, b = state(1), state(2)
+    first = completion("shared system prompt " * 40)
+    prod.prepare(first, [a, b])
+    prod.pre_request(first, pick(first, a))
+    prod.on_response_headers(first, b.address, 200)  # the proxy fell back to b
+    again = completion("shared system prompt " * 40)
+    prod.prepare(again, [a, b])
+    info = again.data["PrefixCacheMatchInfo"]
+    assert info.matched.get(b.address) == info.total_blocks > 0

@@ -893,3 +893,15 @@ def test_max_score_picker_with_fallbacks_breaks_ties_at_random() -> None:
     all_tied = Counter(e.address for _ in range(2000) for e in picker.pick(request(), cands, [1.0] * 5))
     assert set(all_tied) == {addr(i) for i in range(1, 6)}
     assert min(all_tied.values()) > 1000  # each is in 3 of 5 picks: ~1200
+
+
+def test_producer_moves_the_load_to_the_endpoint_that_served() -> None:
+    producer = InflightLoadProducer()
+    a = charged("a")
+    producer.pre_request(a, result_for(addr(1)))
+    producer.on_response_headers(a, addr(2), 200)  # the proxy fell back to endpoint 2
+    assert producer.load == {addr(2): 25}
+    producer.on_response_headers(a, addr(2), 200)
+    assert producer.load == {addr(2): 25}
+    producer.on_response_complete(a, addr(2))
+    assert producer.load == {}

@@ -48,6 +48,15 @@ class InflightLedger:
         self.load[address] = self.load.get(address, 0) + tokens
         self._charges[key] = (address, tokens)
 
+    def move(self, key: int, address: str) -> None:
+        """The request is served by ``address`` (a fallback): its charge moves there."""
+        charge = self._charges.get(key)
+        if charge is None or charge[0] == address:
+            return
+        tokens = charge[1]
+        self.release(key)
+        self.charge(key, address, tokens)
+
     def release(self, key: int) -> None:
         charge = self._charges.pop(key, None)
         if charge is None:

@@ -60,7 +60,7 @@ from xxhash import xxh64_hexdigest, xxh64_intdigest
 from igw.api.types import EndpointState, InferenceRequest
 from igw.framework.plugin import Handle, PluginParams
 from igw.framework.registry import register
-from igw.framework.requestcontrol import DataProducer, PreRequest
+from igw.framework.requestcontrol import DataProducer, PreRequest, ResponseHeadersHook
 from igw.framework.scheduling import SchedulingResult
 from igw.scheduling.plugins.prefix_index import PrefixIndex
 
@@ -79,7 +79,7 @@ HashScheme = Literal["reference", "rendered"]
 class PrefixCacheMatchInfo:
     """What the producer found for one request (``request.data["PrefixCacheMatchInfo"]``)."""
 
-    __slots__ = ("block_size_tokens", "hashes", "matched", "total_blocks")
+    __slots__ = ("block_size_tokens", "hashes", "matched", "recorded_for", "total_blocks")
 
     def __init__(self, total_blocks: int, matched: dict[str, int], block_size_tokens: int, hashes: list[int]) -> None:
         self.total_blocks = total_blocks
@@ -89,6 +89,8 @@ class PrefixCacheMatchInfo:
         self.block_size_tokens = block_size_tokens
         self.hashes = hashes
         """The block hashes, kept for the PreRequest hook."""
+        self.recorded_for: str | None = None
+        """The endpoint the blocks were recorded for (the pick, then the one that served)."""
 
     def matched_blocks(self, address: str) -> int:
         return self.matched.get(address, 0)
@@ -123,7 +125,7 @@ def deprecated_block_size_error(value: int) -> str:
 
 
 @register
-class ApproxPrefixCacheProducer(DataProducer, PreRequest):
+class ApproxPrefixCacheProducer(DataProducer, PreRequest, ResponseHeadersHook):
     type_name = "approx-prefix-cache-producer"
     Params = ProducerParams
     produces = frozenset({MATCH_INFO_KEY})
@@ -248,6 +250,7 @@ class ApproxPrefixCacheProducer(DataProducer, PreRequest):
             if gpu_blocks:
                 capacity = gpu_blocks
         self.index.add(address, info.hashes, capacity)
+        info.recorded_for = address
         matched = info.matched.get(address, 0)
         self.recorded += 1
         self.hit_blocks += matched
@@ -255,6 +258,22 @@ class ApproxPrefixCacheProducer(DataProducer, PreRequest):
         if self.on_match is not None:
             block_bytes = info.block_size_tokens * CHARS_PER_TOKEN
             self.on_match(matched * block_bytes, info.total_blocks * block_bytes)
+
+    def on_response_headers(
+        self, request: InferenceRequest, endpoint: str | None, status: int | None
+    ) -> Mapping[str, str] | None:
+        """The proxy fell back to another endpoint: that one now holds the prompt, record it there."""
+        info = request.data.get(MATCH_INFO_KEY)
+        if (
+            endpoint is None
+            or not isinstance(info, PrefixCacheMatchInfo)
+            or info.recorded_for in (None, endpoint)
+            or (self._pool is not None and endpoint not in self._pool)
+        ):
+            return None
+        self.index.add(endpoint, info.hashes, self.lru_capacity_per_server)
+        info.recorded_for = endpoint
+        return None
 
     # ---------------------------------------------------------------------------- hashing
 

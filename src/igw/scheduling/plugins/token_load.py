@@ -24,14 +24,14 @@ from igw.api.load import InflightLedger, estimate_tokens
 from igw.api.types import EndpointState, InferenceRequest
 from igw.framework.plugin import Handle, PluginParams
 from igw.framework.registry import register
-from igw.framework.requestcontrol import DataProducer, PreRequest, ResponseCompleteHook
+from igw.framework.requestcontrol import DataProducer, PreRequest, ResponseCompleteHook, ResponseHeadersHook
 from igw.framework.scheduling import SchedulingResult, Scorer, ScorerCategory
 
 INFLIGHT_LOAD = "InflightLoad"
 
 
 @register
-class InflightLoadProducer(DataProducer, PreRequest, ResponseCompleteHook):
+class InflightLoadProducer(DataProducer, PreRequest, ResponseHeadersHook, ResponseCompleteHook):
     type_name = "inflight-load-producer"
     produces = frozenset({INFLIGHT_LOAD})
 
@@ -56,6 +56,13 @@ class InflightLoadProducer(DataProducer, PreRequest, ResponseCompleteHook):
     def pre_request(self, request: InferenceRequest, result: SchedulingResult) -> None:
         if result.endpoints:
             self.ledger.charge(request.key, result.endpoints[0].address, estimate_tokens(request))
+
+    def on_response_headers(
+        self, request: InferenceRequest, endpoint: str | None, status: int | None
+    ) -> Mapping[str, str] | None:
+        if endpoint is not None:  # a fallback served it: the load is there now
+            self.ledger.move(request.key, endpoint)
+        return None
 
     def on_response_complete(self, request: InferenceRequest, endpoint: str) -> None:
         self.ledger.release(request.key)
