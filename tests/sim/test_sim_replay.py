@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import json
+from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -13,7 +14,7 @@ from igw_sim.cli import main as sim_main
 from igw_sim.config import EngineConfig
 from igw_sim.replay import EngineView, build_workload, make_router, run_replay
 from igw_sim.replay.requests import SimRequest, chunk_runs
-from igw_sim.replay.routers import CacheAwareRouter, PrefixLoadRouter
+from igw_sim.replay.routers import CacheAwareRouter, OracleRouter, PrefixLoadRouter
 from igw_sim.replay.workloads import load_jsonl, parse_spec, save_jsonl
 
 H100 = EngineConfig.from_preset("h100-llama3-8b")
@@ -122,6 +123,7 @@ class _View:
         self.num_gpu_blocks = 1000
         self.max_num_seqs = 8
         self.now = 0.0
+        self.scraped_at = 0.0
 
     def cached_prefix_tokens(self, request: SimRequest) -> int | None:
         return None
@@ -153,6 +155,8 @@ def test_prefix_load_follows_the_prefix_until_the_queue_outweighs_it() -> None:
     again = router.route(SimRequest(1, 0.0, (("sys", 1024), ("q1", 64)), 1), views)
     assert again == first  # 3 x 64/68 of the prefix beats nothing
     busy = _views(4)
+    for v in busy:
+        v.scraped_at = 1.0  # a new scrape: the policy re-reads kv_usage
     busy[first].waiting = 10  # queue score 0 there, 1 elsewhere
     busy[first].kv_usage = 0.5  # 2 x 0 + 2 x 0.5 + 3 x 64/68 < 2 x 1 + 2 x 1
     assert router.route(SimRequest(2, 0.0, (("sys", 1024), ("q2", 64)), 1), busy) != first
@@ -230,6 +234,26 @@ def test_the_oracle_sees_true_state_and_takes_the_cached_engine() -> None:
     assert done is not None
     assert {done[i].engine for i in range(6)} == {done[0].engine}
     assert all(done[i].cached_tokens == 4000 for i in range(1, 6))
+
+
+def test_the_oracle_keeps_a_group_where_it_is_cached_where_the_greedy_oracle_spreads_it() -> None:
+    # Saturated W1 on 2 engines: pricing misses keeps the hit rate and the throughput up.
+    w = build_workload("w1:groups=6,prompts=3,qps=40,duration=20,system=3000,question=600,output=100")
+    config = H100.replace(kv_blocks=1400)
+    greedy = run_replay(w, OracleRouter(miss_weight=0.0), engines=2, config=config, warmup=5).summary
+    sticky = run_replay(w, make_router("oracle"), engines=2, config=config, warmup=5).summary
+    assert sticky.prefix_hit_rate > greedy.prefix_hit_rate
+    assert sticky.output_tokens_per_s >= greedy.output_tokens_per_s
+
+
+def test_w6_names_adapters_with_zipf_popularity() -> None:
+    reqs = list(build_workload("w6:qps=50,duration=20,adapters=8"))
+    counts = Counter(r.lora for r in reqs)
+    assert set(counts) <= {f"lora-{k}" for k in range(8)}
+    assert counts["lora-0"] > counts["lora-7"] * 3
+    same = [r for r in reqs if r.lora == "lora-0"][:2]
+    other = next(r for r in reqs if r.lora == "lora-1")
+    assert same[0].nodes[0] == same[1].nodes[0] != other.nodes[0]
 
 
 def test_warmup_requests_fill_caches_but_are_not_measured() -> None:

@@ -165,3 +165,22 @@ def test_fast_engine_stays_within_tolerance_when_evicting_a_working_set_larger_t
     assert fast.e2e_p50 == pytest.approx(exact.e2e_p50, rel=0.02)
     assert fast.output_tokens_per_s == pytest.approx(exact.output_tokens_per_s, rel=0.02)
     assert fast.prefix_hit_rate == pytest.approx(exact.prefix_hit_rate, abs=0.01)
+
+
+@pytest.mark.parametrize("max_loras", [1, 2, 4])
+@pytest.mark.parametrize("policy", ["round-robin", "prefix-load"])
+def test_fast_engine_equals_exact_engine_with_lora_slots(max_loras: int, policy: str) -> None:
+    """W6 with 6 adapters: the max_loras admission rule (skip, not block), slot loads and LRU evictions."""
+    config = H100.replace(max_loras=max_loras, kv_blocks=1500, lora_load_ms=10.0)
+    workload = build_workload("w6:qps=20,duration=8,adapters=6,system=512,question=128,output=48")
+    runs = {
+        model: run_replay(workload, make_router(policy, 0), engines=2, config=config, model=model, keep_requests=True)
+        for model in ("exact", "fast")
+    }
+    exact, fast = (runs[m].recorder.requests for m in ("exact", "fast"))
+    assert exact is not None
+    assert fast is not None
+    _assert_same(fast, exact)
+    loads = [sum(e.core.stats.lora_loads_total for e in runs["exact"].engines)]  # type: ignore[attr-defined]
+    loads.append(sum(e.lora_loads for e in runs["fast"].engines))  # type: ignore[attr-defined]
+    assert loads[0] == loads[1] > 0

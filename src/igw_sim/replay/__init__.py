@@ -4,7 +4,7 @@
 :mod:`igw_sim.replay.cli` and ``docs/simulator.md`` section 6). The pieces:
 
 * :mod:`~igw_sim.replay.requests`: requests as named segments of tokens (plain data);
-* :mod:`~igw_sim.replay.workloads`: seeded generators (W1, W4, W5, W7) and JSONL files;
+* :mod:`~igw_sim.replay.workloads`: seeded generators (W1, W4, W5, W6, W7) and JSONL files;
 * :mod:`~igw_sim.replay.fastengine`: the event-jumping engine (default);
 * :mod:`~igw_sim.replay.exactengine`: the real-time simulator's ``EngineCore`` on a virtual clock;
 * :mod:`~igw_sim.replay.routers`: the ``Router`` and ``EngineView`` protocols and built-in policies;

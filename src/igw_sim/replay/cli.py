@@ -24,7 +24,8 @@ from igw_sim.replay.workloads import GENERATORS, build_workload, save_jsonl
 
 __all__ = ["build_parser", "main", "markdown_table"]
 
-_ENGINE_FLAGS = ("max_num_seqs", "max_num_batched_tokens", "max_waiting", "max_model_len", "kv_blocks", "block_size")
+_ENGINE_FLAGS = ("max_num_seqs", "max_num_batched_tokens", "max_waiting", "max_model_len", "kv_blocks", "block_size",
+                 "max_loras", "lora_load_ms")  # fmt: skip
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -68,6 +69,8 @@ def build_parser() -> argparse.ArgumentParser:
     eng.add_argument("--max-model-len", type=int)
     eng.add_argument("--kv-blocks", type=int)
     eng.add_argument("--block-size", type=int)
+    eng.add_argument("--max-loras", type=int, help="LoRA slots (default 1)")
+    eng.add_argument("--lora-load-ms", type=float, help="time to load an adapter into a slot (default 10)")
     eng.add_argument("--no-prefix-caching", action="store_true")
     return p
 

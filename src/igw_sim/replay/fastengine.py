@@ -34,9 +34,13 @@ Where it differs from :class:`~igw_sim.scheduler.EngineCore` (all of it is teste
    block at the same time share it (vLLM keeps two copies); a node cached beyond a gap in its path is
    reused (vLLM recomputes it); when a request takes cached blocks of a node it holds them all, so they
    leave the free queue together.
-2. LoRA adapters only separate the caches; slots, the ``max_loras`` batch rule and load times are not
-   modelled (use the exact engine for LoRA studies).
-3. ``max_num_batched_tokens`` must be at least ``max_num_seqs``.
+2. ``max_num_batched_tokens`` must be at least ``max_num_seqs``.
+
+LoRA is modelled as ``EngineCore`` does it: the adapter is part of every block hash (the trie root), a
+waiting request whose adapter is not among the step's adapters is skipped once ``max_loras`` are in the
+step, and every adapter of a step that is not resident is loaded into a slot (least recently used
+evicted first), adding ``lora_load_ms`` to the step. Once a request names an adapter, steps are planned
+one by one while requests wait (the skip rule can admit a request behind a head that cannot be).
 """
 
 from __future__ import annotations
@@ -203,6 +207,14 @@ class FastEngine:
         self._next: float | None = None
         self._sched: list[tuple[_Req, int]] = []
         self._step_dec = 0
+        self._head_hit: tuple[_Req, int, int, int] | None = None
+        """The last :meth:`_stable` lookup of the head of the queue: ``(request, hit blocks, dup, evicted)``."""
+        # LoRA: adapters resident in slots (least recently used first), and the decoders' adapters
+        self.resident_loras: OrderedDict[str, None] = OrderedDict()
+        self.decoding_loras: dict[str, int] = {}
+        self.lora_mode = False
+        """Some request named an adapter: admission follows the ``max_loras`` rule, step by step."""
+        self.lora_loads = 0
         # counters (vLLM's names)
         self.prefix_queries = 0
         self.prefix_hits = 0
@@ -304,6 +316,8 @@ class FastEngine:
         if len(self.running) >= cfg.max_num_seqs and len(self.waiting) >= cfg.max_waiting:
             raise RejectedError(429, "waiting queue is full")
         r = _Req(request, self.bs, self.caching)
+        if request.lora is not None:
+            self.lora_mode = True
         if self.predictions:
             r.est = r.num_tokens - self._hit_blocks(r) * self.bs
             self.pending_prefill += r.est
@@ -327,6 +341,7 @@ class FastEngine:
             if self.n_dec and self.prefilling is None and self._stable():
                 j = self._jump_steps(s, t)
                 if j > 0:
+                    self._head_hit = None
                     self._jump(s, j)
                     continue
             self._plan(s)
@@ -340,7 +355,9 @@ class FastEngine:
         else:
             return math.inf
         if not self.n_dec or self.prefilling is not None or self._sched or not self._stable():
+            self._head_hit = None
             return self._end if self._inflight else base
+        self._head_hit = None
         heap = self.heap
         while heap and (heap[0][2].state != _DECODE or heap[0][2].finish_k != heap[0][0]):
             heapq.heappop(heap)
@@ -540,6 +557,9 @@ class FastEngine:
         elif r.out:
             self.nodes[r.nodes[-1]].owner = r
         r.state = _DECODE
+        lora = r.sim.lora
+        if lora is not None:
+            self.decoding_loras[lora] = self.decoding_loras.get(lora, 0) + 1
         k = self.K
         c = r.computed
         if r.out:
@@ -557,6 +577,13 @@ class FastEngine:
     def _leave(self, r: _Req) -> None:
         """``r`` stops decoding (finished or preempted): settle its counters and its output blocks."""
         c = r.c0 + self.K - r.k0
+        lora = r.sim.lora
+        if lora is not None:
+            left = self.decoding_loras[lora] - 1
+            if left:
+                self.decoding_loras[lora] = left
+            else:
+                del self.decoding_loras[lora]
         self.n_dec -= 1
         self.ctx -= c
         self.hist[r.res] -= 1
@@ -603,8 +630,12 @@ class FastEngine:
         """No waiting request can be admitted until a request finishes (so the batch stays as it is)."""
         if not self.waiting or len(self.running) >= self.config.max_num_seqs:
             return True
+        if self.lora_mode:
+            return False  # the max_loras rule may skip the head and admit one behind it: plan every step
         head = self.waiting[0]
         blocks, dup = self._lookup(head)
+        # _plan, called next when this is False, reuses the lookup unless its decoders evict something.
+        self._head_hit = (head, blocks, dup, self.evicted_blocks)
         hit = blocks * self.bs
         budget = self.config.max_num_batched_tokens - self.n_dec
         need = self._need(head, hit + min(head.num_tokens - hit, budget)) + dup
@@ -673,6 +704,8 @@ class FastEngine:
             k += 1
         if blocks:
             self._take(blocks)
+        if self.decoding_loras:
+            self._load_loras(set(self.decoding_loras))  # every step needs the same, resident adapters
         self.K += j
         self.ctx += j * n
         self.steps += j
@@ -691,6 +724,8 @@ class FastEngine:
         cfg = self.config
         bs = self.bs
         budget = cfg.max_num_batched_tokens - self.n_dec
+        head_hit = self._head_hit
+        self._head_hit = None
         dec_need = self.hist[(-self.K) % bs] if self.n_dec else 0
         sched: list[tuple[_Req, int]] = []
         p = self.prefilling
@@ -719,12 +754,26 @@ class FastEngine:
             self._grow(p, p.computed + p_new)
             sched.append((p, p_new))
             budget -= p_new
+        loras: set[str] | None = None
+        if self.lora_mode:
+            loras = set(self.decoding_loras)
+            if sched and p is not None and p.sim.lora is not None:
+                loras.add(p.sim.lora)
         if not preempted:
             waiting = self.waiting
             running = self.running
+            skipped: list[_Req] = []
             while waiting and budget > 0 and len(running) < cfg.max_num_seqs:
                 r = waiting[0]
-                blocks, dup = self._lookup(r)
+                lora = r.sim.lora
+                if loras is not None and lora is not None and lora not in loras and len(loras) >= cfg.max_loras:
+                    skipped.append(waiting.popleft())  # vLLM skips it and keeps looking behind it
+                    continue
+                if head_hit is not None and head_hit[0] is r and head_hit[3] == self.evicted_blocks:
+                    blocks, dup = head_hit[1], head_hit[2]
+                else:
+                    blocks, dup = self._lookup(r)
+                head_hit = None
                 hit = blocks * bs
                 num_new = min(r.num_tokens - hit, budget)
                 if self._need(r, hit + num_new) + dup > self.free:
@@ -748,6 +797,10 @@ class FastEngine:
                     self.prefilling = r
                 sched.append((r, num_new))
                 budget -= num_new
+                if loras is not None and lora is not None:
+                    loras.add(lora)
+            if skipped:
+                waiting.extendleft(reversed(skipped))
         n = self.n_dec
         if not sched and not n:
             self._next = None
@@ -758,11 +811,29 @@ class FastEngine:
             prefill += num_new
             ctx += r.computed
         ms = self.profile.step_ms(prefill_tokens=prefill, decode_seqs=n, context_tokens=ctx)
+        if loras:
+            ms += self._load_loras(loras) * cfg.lora_load_ms
         self._sched = sched
         self._step_dec = n
         self._inflight = True
         self._start = now
         self._end = now + ms / 1000.0
+
+    def _load_loras(self, needed: set[str]) -> int:
+        """Load the step's adapters into slots, least recently used evicted first (``EngineCore._load_loras``);
+        returns how many were loaded."""
+        resident = self.resident_loras
+        loads = sorted(name for name in needed if name not in resident)
+        for name in loads:
+            if len(resident) >= self.config.max_loras:
+                victim = next((n for n in resident if n not in needed), None)
+                if victim is not None:
+                    del resident[victim]
+            resident[name] = None
+        for name in sorted(needed):
+            resident.move_to_end(name)
+        self.lora_loads += len(loads)
+        return len(loads)
 
     def _complete(self) -> None:
         """Apply the step in flight at its end (vLLM's ``update_from_output``)."""

@@ -43,6 +43,7 @@ Built-in policies (:data:`ROUTERS`):
 
 from __future__ import annotations
 
+import math
 import random
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
@@ -88,8 +89,17 @@ class EngineView(Protocol):
     @property
     def max_num_seqs(self) -> int: ...
     @property
+    def prefill_s_per_token(self) -> float:
+        """Compute time of one prompt token once a step is compute-bound (the profile's, static)."""
+
+    @property
     def now(self) -> float:
         """The current simulated time."""
+
+    @property
+    def scraped_at(self) -> float:
+        """When ``waiting``, ``running`` and ``kv_usage`` were read (``now`` for live views). A policy may
+        cache what it derives from them until this changes; ``dispatched`` changes in between."""
 
     def cached_prefix_tokens(self, request: SimRequest) -> int | None:
         """True cached prefix of ``request`` in tokens (live views only; ``None`` otherwise)."""
@@ -106,6 +116,8 @@ class Router(Protocol):
     """Give this policy live views (the oracle) instead of scraped ones."""
     needs_completions: bool
     """Call :meth:`on_complete` as soon as each request finishes (costs the replay some speed)."""
+    # Optional: ``reads_metrics = False`` tells the replay that the policy never reads the scraped
+    # metrics (``waiting``, ``running``, ``kv_usage``, ``dispatched``), so it need not scrape at all.
 
     def route(self, request: SimRequest, engines: Sequence[EngineView]) -> int: ...
     def on_complete(self, request: SimRequest, engine: int) -> None: ...
@@ -115,6 +127,7 @@ class _Base:
     name = "base"
     true_state = False
     needs_completions = False
+    reads_metrics = True
 
     def __init__(self, seed: int = 0) -> None:
         self.rng = random.Random(seed)
@@ -130,6 +143,7 @@ class _Base:
 
 class RandomRouter(_Base):
     name = "random"
+    reads_metrics = False
 
     def route(self, request: SimRequest, engines: Sequence[EngineView]) -> int:
         return self.rng.randrange(len(engines))
@@ -137,6 +151,7 @@ class RandomRouter(_Base):
 
 class RoundRobinRouter(_Base):
     name = "round-robin"
+    reads_metrics = False
 
     def __init__(self, seed: int = 0) -> None:
         super().__init__(seed)
@@ -230,6 +245,10 @@ class PrefixLoadRouter(_Base):
         self.max_chunks = max_chunks
         self.lru_capacity = lru_capacity
         self._index: _ChunkIndex | None = None
+        # Per scrape: the kv term of every engine and the queues, which only ``dispatched`` changes until
+        # the next scrape (read back from the views, not counted here, so rejected requests do not count).
+        self._scraped_at = -math.inf
+        self._kv_terms: list[float] = []
 
     def route(self, request: SimRequest, engines: Sequence[EngineView]) -> int:
         index = self._index
@@ -239,21 +258,28 @@ class PrefixLoadRouter(_Base):
         total = sum(count for _, count in runs)
         matched = index.match(runs)
         wq, wkv, wp = self.weights
+        at = engines[0].scraped_at
+        if at != self._scraped_at:
+            self._scraped_at = at
+            self._kv_terms = [wkv * (1.0 - v.kv_usage) for v in engines]
+        kv_terms = self._kv_terms
         queues = [v.waiting + v.dispatched for v in engines]
         qmin = min(queues)
         qmax = max(queues)
         if qmax == qmin:
-            scores = [wq + wkv * (1.0 - v.kv_usage) for v in engines]
+            scores = [wq + kv for kv in kv_terms]
         else:
             qs = wq / (qmax - qmin)
-            scores = [qs * (qmax - q) + wkv * (1.0 - v.kv_usage) for q, v in zip(queues, engines, strict=True)]
+            scores = [qs * (qmax - q) + kv for q, kv in zip(queues, kv_terms, strict=True)]
         if total:
             prefix = wp / total
             for i, m in matched.items():
                 scores[i] += prefix * m
         best = max(scores)
-        ties = [i for i, score in enumerate(scores) if score == best]
-        choice = ties[0] if len(ties) == 1 else self.rng.choice(ties)
+        if scores.count(best) == 1:
+            choice = scores.index(best)
+        else:
+            choice = self.rng.choice([i for i, score in enumerate(scores) if score == best])
         index.insert(choice, runs)
         return choice
 
@@ -354,17 +380,38 @@ class CacheAwareRouter(_Base):
 
 
 class OracleRouter(_Base):
+    """Perfect knowledge of every engine's queue, batch and cache, and a price on cache misses.
+
+    For each engine: ``cost = predicted TTFT + miss_weight x prefill_s_per_token x uncached prompt
+    tokens``, the smallest wins (ties to the fewest requests, then the lowest index). The first term is
+    the engine's own prediction from its true state (``FastEngine.predicted_ttft``); the second prices
+    what a miss does to *other* requests, which a greedy TTFT minimiser ignores: the prefill work it adds
+    to the cluster (every later request on that engine waits for it) and the cached blocks it evicts (a
+    group copied to a second engine pushes another group out, whose next request misses in turn). With
+    ``miss_weight = 0`` this is the greedy oracle, which past saturation spreads every group over every
+    engine, halves the hit rate and collapses; with a weight of a few units a group stays where it is
+    cached and spills to another engine only when its queue there costs more than recomputing it
+    elsewhere, several times over. It does not look at future arrivals.
+    """
+
     name = "oracle"
     true_state = True
 
+    def __init__(self, seed: int = 0, *, miss_weight: float = 16.0) -> None:
+        super().__init__(seed)
+        self.miss_weight = miss_weight
+
     def route(self, request: SimRequest, engines: Sequence[EngineView]) -> int:
-        best = (float("inf"), 0)
+        best = (math.inf, 0)
         choice = 0
+        prompt = request.prompt_tokens
         for i, v in enumerate(engines):
             ttft = v.predicted_ttft(request)
-            if ttft is None:
+            cached = v.cached_prefix_tokens(request)
+            if ttft is None or cached is None:
                 raise ValueError("the oracle needs live engine views")
-            key = (ttft, v.running + v.waiting)
+            cost = ttft + self.miss_weight * v.prefill_s_per_token * (prompt - cached)
+            key = (cost, v.running + v.waiting)
             if key < best:
                 best = key
                 choice = i

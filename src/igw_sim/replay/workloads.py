@@ -19,6 +19,11 @@ Poisson at ``qps`` for ``duration`` seconds (or until ``requests`` requests), al
     all; arrival ``i`` is user ``i % users``'s next turn, whose prompt is the history, then every earlier
     question (``question`` 100) and answer (``answer`` 100), then a new question. Stops after ``rounds``
     (10) turns per user. The answer is quoted by the next turn exactly (``output_key``).
+``w6`` multi-LoRA (S-LoRA / vLLM multi-LoRA benchmarks)
+    ``adapters`` 16 LoRA adapters with Zipf popularity (adapter ``k`` drawn with weight
+    ``1 / (k + 1) ** zipf``, ``zipf`` 1.0); each adapter has its own ``system`` prompt (1024 tokens, cached
+    per adapter, since the adapter is part of every block hash), then a new ``question`` (256) and
+    ``output`` 128 tokens. Run it with ``--max-loras`` below ``adapters`` to see slot thrashing.
 ``w7`` mixed long and short, no sharing
     A ``long_fraction`` (0.5) of ``long_prompt`` 8192 / ``long_output`` 64 requests, the rest
     ``short_prompt`` 128 / ``short_output`` 512; every prompt unique.
@@ -31,6 +36,7 @@ JSONL, one request a line, in arrival order: ``{"t": seconds, "output_tokens": n
 
 from __future__ import annotations
 
+import bisect
 import json
 import random
 from collections.abc import Callable, Iterable, Iterator
@@ -176,6 +182,29 @@ def _w5(params: dict[str, float], cluster_kv_tokens: int | None) -> Workload:
     )
 
 
+def _w6(params: dict[str, float], cluster_kv_tokens: int | None) -> Workload:
+    p = _Params("w6", params, {**_ARRIVALS, "adapters": 16, "zipf": 1.0, "system": 1024, "question": 256,
+                               "output": 128})  # fmt: skip
+    adapters, system, question, output = max(p.i("adapters"), 1), p.i("system"), p.i("question"), p.i("output")
+    zipf = p.f("zipf")
+    cum: list[float] = []
+    total = 0.0
+    for k in range(adapters):
+        total += 1.0 / (k + 1) ** zipf
+        cum.append(total)
+
+    def gen() -> Iterator[SimRequest]:
+        for n, t, rng in _arrivals(p):
+            a = min(bisect.bisect_left(cum, rng.random() * total), adapters - 1)
+            yield SimRequest(n, t, ((f"w6/s{a}", system), (f"w6/q{n}", question)), output, lora=f"lora-{a}")
+
+    return Workload(
+        f"w6: {adapters} LoRA adapters (Zipf {zipf:g}), system {system} per adapter, unique question {question}, "
+        f"output {output}; Poisson {p.f('qps'):g} QPS",
+        gen,
+    )
+
+
 def _w7(params: dict[str, float], cluster_kv_tokens: int | None) -> Workload:
     p = _Params("w7", params, {**_ARRIVALS, "long_fraction": 0.5, "long_prompt": 8192, "long_output": 64,
                                "short_prompt": 128, "short_output": 512})  # fmt: skip
@@ -200,6 +229,7 @@ GENERATORS: dict[str, Callable[[dict[str, float], int | None], Workload]] = {
     "w1": _w1,
     "w4": _w4,
     "w5": _w5,
+    "w6": _w6,
     "w7": _w7,
 }
 """Workload generators by name: ``factory(params, cluster_kv_tokens)``."""
