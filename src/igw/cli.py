@@ -309,6 +309,27 @@ def _run_async(coro: Coroutine[Any, Any, None]) -> None:
         asyncio.run(coro)
 
 
+def _offer_igw_to_the_replay(argv: list[str]) -> None:
+    """``igw sim replay --policies igw,...``: igw's own Endpoint Picker as a replay policy, with the
+    EndpointPickerConfig of ``--igw-config FILE`` (removed from ``argv``), else the default one."""
+    from igw.app.replay_router import IgwRouter
+    from igw_sim.replay.routers import ROUTERS
+
+    config_text: str | None = None
+    if "--igw-config" in argv:
+        at = argv.index("--igw-config")
+        if at + 1 >= len(argv):
+            raise SystemExit("igw: error: --igw-config needs a file")
+        path = argv[at + 1]
+        del argv[at : at + 2]
+        try:
+            with open(path) as f:
+                config_text = f.read()
+        except OSError as exc:
+            raise SystemExit(f"igw: error: cannot read {path}: {exc.strerror}") from None
+    ROUTERS["igw"] = lambda seed: IgwRouter(config_text)
+
+
 def main(argv: list[str] | None = None) -> int:
     # igw forks only to exec Envoy: gRPC's fork handlers have nothing to do (and would log about it).
     os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "0")
@@ -316,6 +337,8 @@ def main(argv: list[str] | None = None) -> int:
     if argv and argv[0] == "sim":
         from igw_sim.cli import main as sim_main
 
+        if argv[1:2] == ["replay"]:
+            _offer_igw_to_the_replay(argv)
         return sim_main(argv[1:])
     if argv and argv[0] == "bench":
         from igw_bench.cli import main as bench_main

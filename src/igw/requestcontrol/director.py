@@ -104,6 +104,11 @@ class Director:
 
     async def handle_request(self, ctx: RequestContext, body: bytes) -> RouteDecision:
         """Decide where the request goes; raise an :class:`IgwError` to refuse it."""
+        return self.decide(ctx, body)
+
+    def decide(self, ctx: RequestContext, body: bytes) -> RouteDecision:
+        """:meth:`handle_request` without the event loop (no stage awaits today; the simulator's
+        virtual-time replay calls it directly)."""
         t0 = self._clock()
         # 1 parsing: body -> InferenceRequest (a BadRequest is the client's; anything else a 500)
         try:
