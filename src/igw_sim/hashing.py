@@ -52,6 +52,9 @@ __all__ = [
 
 HashAlgo = Literal["fast", "sha256_cbor", "xxhash_cbor"]
 ExtraKeys = tuple[str, ...] | None
+"""The extra keys a KV event reports for a block (vLLM's events carry the bare LoRA name and salt)."""
+HashKeys = tuple[tuple[str, ...], ...] | None
+"""The extra keys vLLM 0.32 hashes: tagged, ``("lora", name, path)`` and ``("cache_salt", salt)``."""
 
 DEFAULT_SEED = "vllm-none-hash"
 """Seed of ``NONE_HASH`` when none is configured (vLLM derives it from ``PYTHONHASHSEED``)."""
@@ -76,7 +79,7 @@ def _pack_tokens(tokens: Sequence[int]) -> bytes:
     return packed.tobytes()
 
 
-def fast_hash(parent: bytes, tokens: Sequence[int], extra_keys: ExtraKeys) -> bytes:
+def fast_hash(parent: bytes, tokens: Sequence[int], extra_keys: ExtraKeys | HashKeys) -> bytes:
     """The ``fast`` scheme for one block: xxh3-128 of ``parent || int64le(tokens) || cbor(extra_keys)``."""
     data = parent + _pack_tokens(tokens)
     if extra_keys is not None:
@@ -103,7 +106,7 @@ class BlockHasher:
         self.algo: HashAlgo = algo
         self.seed = seed
         self.block_size = block_size
-        self._block: Callable[[bytes, Sequence[int], ExtraKeys], bytes]
+        self._block: Callable[[bytes, Sequence[int], ExtraKeys | HashKeys], bytes]
         if algo == "fast":
             self.none_hash = xxhash.xxh3_128_digest(seed.encode("utf-8"))
             self._block = fast_hash
@@ -112,7 +115,7 @@ class BlockHasher:
             self.none_hash = fn(seed)
             self._block = lambda parent, tokens, extra: fn((parent, tuple(tokens), extra))
 
-    def hash_block(self, parent: bytes | None, tokens: Sequence[int], extra_keys: ExtraKeys = None) -> bytes:
+    def hash_block(self, parent: bytes | None, tokens: Sequence[int], extra_keys: ExtraKeys | HashKeys = None) -> bytes:
         """``H(i)`` for a block whose parent hash is ``parent`` (``None`` for the first block)."""
         return self._block(self.none_hash if parent is None else parent, tokens, extra_keys)
 
@@ -122,14 +125,18 @@ class BlockHasher:
         *,
         lora_name: str | None = None,
         cache_salt: str | None = None,
+        lora_path: str | None = None,
     ) -> list[bytes]:
-        """The hashes of every full block of ``tokens`` (what a router recomputes from ``/tokenize``)."""
+        """The hashes of every full block of ``tokens`` (what a router recomputes from ``/tokenize``).
+
+        A LoRA request's blocks hash the adapter's name *and path* (as the engine was given it;
+        ``/v1/models`` reports it as the adapter's ``root``)."""
         out: list[bytes] = []
         size = self.block_size
         parent: bytes | None = None
         for i in range(len(tokens) // size):
             parent = self.hash_block(
-                parent, tokens[i * size : (i + 1) * size], extra_keys_for(i, lora_name, cache_salt)
+                parent, tokens[i * size : (i + 1) * size], hash_keys_for(i, lora_name, lora_path, cache_salt)
             )
             out.append(parent)
         return out
@@ -142,4 +149,16 @@ def extra_keys_for(block_index: int, lora_name: str | None, cache_salt: str | No
         keys.append(lora_name)
     if cache_salt and block_index == 0:
         keys.append(cache_salt)
+    return tuple(keys) if keys else None
+
+
+def hash_keys_for(block_index: int, lora_name: str | None, lora_path: str | None, cache_salt: str | None) -> HashKeys:
+    """What vLLM 0.32 hashes as a block's extra keys: ``("lora", name, path)`` on every block of a LoRA
+    request, ``("cache_salt", salt)`` on block 0 of a salted one; ``None`` when neither applies
+    (checked against a real engine: docs/simulator-validation.md, K1)."""
+    keys: list[tuple[str, ...]] = []
+    if lora_name:
+        keys.append(("lora", lora_name, lora_path or ""))
+    if cache_salt and block_index == 0:
+        keys.append(("cache_salt", cache_salt))
     return tuple(keys) if keys else None

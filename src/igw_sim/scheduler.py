@@ -38,7 +38,7 @@ from enum import Enum
 
 from igw_sim import tokenizer
 from igw_sim.config import EngineConfig
-from igw_sim.hashing import BlockHasher, extra_keys_for
+from igw_sim.hashing import BlockHasher, hash_keys_for
 from igw_sim.kvcache import KVCacheManager
 from igw_sim.kvevents import KVEvent
 from igw_sim.stats import E2E_BUCKETS, ITL_BUCKETS, QUEUE_BUCKETS, TTFT_BUCKETS, Histogram
@@ -98,6 +98,7 @@ class Request:
     seed: int = 0
     lora_name: str | None = None
     lora_id: int | None = None
+    lora_path: str | None = None
     cache_salt: str | None = None
     status: RequestStatus = RequestStatus.WAITING
     num_computed_tokens: int = 0
@@ -255,6 +256,7 @@ class EngineCore:
             seed=seed,
             lora_name=lora_name,
             lora_id=adapter.lora_id if adapter is not None else None,
+            lora_path=adapter.path if adapter is not None else None,
             cache_salt=cache_salt,
         )
         self._extend_hashes(req)
@@ -453,5 +455,5 @@ class EngineCore:
         while (len(hashes) + 1) * size <= len(tokens):
             i = len(hashes)
             parent = hashes[-1] if hashes else None
-            extra = extra_keys_for(i, req.lora_name, req.cache_salt)
-            hashes.append(self.hasher.hash_block(parent, tokens[i * size : (i + 1) * size], extra))
+            keys = hash_keys_for(i, req.lora_name, req.lora_path, req.cache_salt)
+            hashes.append(self.hasher.hash_block(parent, tokens[i * size : (i + 1) * size], keys))

@@ -50,13 +50,14 @@ def test_sha256_cbor_chain_from_the_spec() -> None:
     h0 = hashlib.sha256(_cbor((none_hash, (1, 300, 70000, 5), None))).digest()
     h1 = hashlib.sha256(_cbor((h0, (17, 23, 24, 255), None))).digest()
     assert hasher.hash_prefix(tokens) == [h0, h1]
-    lora0 = hashlib.sha256(_cbor((none_hash, (1, 300, 70000, 5), ("lora-a",)))).digest()
-    assert hasher.hash_prefix(tokens, lora_name="lora-a")[0] == lora0
-    salted0 = hashlib.sha256(_cbor((none_hash, (1, 300, 70000, 5), ("lora-a", "s")))).digest()
-    salted = hasher.hash_prefix(tokens, lora_name="lora-a", cache_salt="s")
+    # vLLM 0.32 hashes tagged extra keys: the adapter's name and path, the salt on block 0 only.
+    lora = ("lora", "lora-a", "/adapters/a")
+    lora0 = hashlib.sha256(_cbor((none_hash, (1, 300, 70000, 5), (lora,)))).digest()
+    assert hasher.hash_prefix(tokens, lora_name="lora-a", lora_path="/adapters/a")[0] == lora0
+    salted0 = hashlib.sha256(_cbor((none_hash, (1, 300, 70000, 5), (lora, ("cache_salt", "s"))))).digest()
+    salted = hasher.hash_prefix(tokens, lora_name="lora-a", lora_path="/adapters/a", cache_salt="s")
     assert salted[0] == salted0
-    # Only block 0 carries the salt.
-    assert salted[1] == hashlib.sha256(_cbor((salted0, (17, 23, 24, 255), ("lora-a",)))).digest()
+    assert salted[1] == hashlib.sha256(_cbor((salted0, (17, 23, 24, 255), (lora,)))).digest()
 
 
 def test_xxhash_cbor_is_xxh3_128_of_the_same_encoding() -> None:

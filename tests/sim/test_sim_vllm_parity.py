@@ -15,12 +15,13 @@ as they were sent). Generated tokens differ (a random model versus the simulator
 that holds generated tokens is compared on its prompt part only, and the engine's hashes are mapped onto
 the simulator's by the position of the stored block.
 
-Two known differences are pinned with strict ``xfail`` tests, so fixing either one makes its test fail
-until the marker is removed:
+* **K1** (fixed) vLLM 0.32 hashes *tagged* extra keys: ``("lora", name, path)`` and
+  ``("cache_salt", salt)`` (``kv_cache_utils.generate_block_hash_extra_keys``); events still carry the
+  bare name and salt. The simulator now does the same.
 
-* **K1** vLLM 0.32 hashes *tagged* extra keys: ``("lora", name, path)`` and ``("cache_salt", salt)``
-  (``kv_cache_utils.generate_block_hash_extra_keys``); events still carry the bare name and salt. The
-  simulator hashes the bare name and salt.
+One known difference is pinned with a strict ``xfail`` test, so fixing it makes the test fail until the
+marker is removed:
+
 * **K2** vLLM 0.32's ``BlockPool.free_blocks`` puts freed blocks that hold no cached content (a partial
   last block, a duplicate) at the *front* of the free queue, and vLLM reserves one null block, so
   ``--num-gpu-blocks-override N`` leaves ``N - 1`` usable blocks. The simulator appends every freed block
@@ -308,7 +309,7 @@ def test_stored_blocks_equal_vllm_before_and_during_evictions() -> None:
     requests, hashes (and so parents); what differs is K1's hashes and K2's order of evictions."""
     problems = _compare(_replay(EngineCore(_config())))
     assert [p for p in problems if p[0] in ("stored", "hash")] == []
-    assert {p[0] for p in problems} == {"hash-K1", "removed"}
+    assert {p[0] for p in problems} == {"removed"}
 
 
 def test_lora_and_cache_salt_hashes_are_vllms_tagged_extra_keys() -> None:
@@ -343,7 +344,6 @@ def test_lora_and_cache_salt_hashes_are_vllms_tagged_extra_keys() -> None:
     assert checked == 2
 
 
-@pytest.mark.xfail(reason="K1: the simulator hashes bare LoRA names and salts, vLLM 0.32 tagged keys", strict=True)
 def test_simulator_hashes_lora_and_salted_blocks_like_vllm() -> None:
     assert [p for p in _compare(_replay(EngineCore(_config()))) if p[0] == "hash-K1"] == []
 
