@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import random
 from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
@@ -160,6 +161,26 @@ def test_prefix_load_follows_the_prefix_until_the_queue_outweighs_it() -> None:
     busy[first].waiting = 10  # queue score 0 there, 1 elsewhere
     busy[first].kv_usage = 0.5  # 2 x 0 + 2 x 0.5 + 3 x 64/68 < 2 x 1 + 2 x 1
     assert router.route(SimRequest(2, 0.0, (("sys", 1024), ("q2", 64)), 1), busy) != first
+
+
+@pytest.mark.parametrize("policy", ["least-queue", "prefix-load"])
+def test_policies_that_keep_scores_between_scrapes_decide_as_if_recomputing_them(policy: str) -> None:
+    """Between scrapes these policies update only the engine they chose last (read back from its view);
+    a policy handed a fresh list of views every time recomputes everything: the decisions are the same."""
+    rng = random.Random(7)
+    cached, fresh = make_router(policy, 3), make_router(policy, 3)
+    views = _views(8)
+    for n in range(400):
+        if n % 25 == 0:  # a scrape
+            for v in views:
+                v.waiting, v.running, v.kv_usage = rng.randrange(3), rng.randrange(4), rng.random()
+                v.dispatched = 0
+                v.scraped_at = n
+        req = SimRequest(n, 0.0, ((f"s{rng.randrange(5)}", 64), (f"q{n}", 16)), 1)
+        choice = cached.route(req, views)
+        assert fresh.route(req, list(views)) == choice, n
+        if rng.random() < 0.9:  # else the engine rejected it: nothing was dispatched
+            views[choice].dispatched += 1
 
 
 def test_cache_aware_follows_matches_above_the_threshold_and_balances_when_imbalanced() -> None:

@@ -16,7 +16,10 @@ the number of tokens or of running sequences:
   token, or the KV cache running out), every step is a decode step of the same batch, whose context grows
   by one token per sequence: step ``k`` lasts ``A + B k`` exactly (``step_ms`` is affine in the context
   with a fixed batch), so ``j`` steps take ``j A + B j (j - 1) / 2`` and :meth:`FastEngine.advance`
-  applies them at once.
+  applies them at once. While nothing waits, a run goes on past the steps that finish requests, with
+  the smaller batch; the step that straddles the time asked for is put in flight by the same call (its
+  blocks taken, its end computed), and requests that arrive during it join the next step together, as
+  in vLLM.
 * **The KV cache is run-length.** A request's prompt is a path of trie nodes (see
   :mod:`igw_sim.replay.requests`); the cache records, per node, how many of its blocks (a prefix of
   them) are cached, and how many running requests hold them. The free queue holds runs, not blocks:
@@ -207,8 +210,9 @@ class FastEngine:
         self._next: float | None = None
         self._sched: list[tuple[_Req, int]] = []
         self._step_dec = 0
-        self._head_hit: tuple[_Req, int, int, int] | None = None
-        """The last :meth:`_stable` lookup of the head of the queue: ``(request, hit blocks, dup, evicted)``."""
+        self._head_hit: tuple[_Req, int, int, int, int, int] | None = None
+        """The last :meth:`_stable` look at the head of the queue: ``(request, hit blocks, dup, evicted
+        blocks then, tokens it would hold, free blocks that takes)``."""
         # LoRA: adapters resident in slots (least recently used first), and the decoders' adapters
         self.resident_loras: OrderedDict[str, None] = OrderedDict()
         self.decoding_loras: dict[str, int] = {}
@@ -339,10 +343,8 @@ class FastEngine:
             if s is None or s >= t:
                 return
             if self.n_dec and self.prefilling is None and self._stable():
-                j = self._jump_steps(s, t)
-                if j > 0:
-                    self._head_hit = None
-                    self._jump(s, j)
+                s = self._decode(s, t)
+                if s is None:
                     continue
             self._plan(s)
 
@@ -436,25 +438,29 @@ class FastEngine:
         lru = self.lru
         nodes, lo, hi = r.nodes, r.lo, r.hi
         old = r.nref
-        i = old
-        while i < len(nodes) and lo[i] < full:
-            node = nodes[i]
-            st = states.get(node)
-            if st is None:
-                st = states[node] = _Node()
-            elif st.ref == 0 and st.n:
-                del lru[node]
-                self.free -= st.n
-            st.ref += 1
-            i += 1
-        r.nref = i
+        # From the last node it holds (which may grow), through the new ones it starts.
+        i = old - 1 if old else 0
         ext = 0
-        for k in range(old - 1 if old else 0, i):
-            st = states[nodes[k]]
-            target = min(hi[k], full) - lo[k]
+        count = len(nodes)
+        while i < count and lo[i] < full:
+            node = nodes[i]
+            st: _Node | None
+            if i < old:
+                st = states[node]
+            else:
+                st = states.get(node)
+                if st is None:
+                    st = states[node] = _Node()
+                elif st.ref == 0 and st.n:
+                    del lru[node]
+                    self.free -= st.n
+                st.ref += 1
+            target = min(hi[i], full) - lo[i]
             if target > st.n:
                 ext += target - st.n
                 st.n = target
+            i += 1
+        r.nref = i
         partial = 1 if new_total % self.bs else 0
         ext += partial - r.partial
         r.partial = partial
@@ -539,41 +545,6 @@ class FastEngine:
             owner.absorbed += target - st.n
             st.n = target
 
-    def _join(self, r: _Req) -> None:
-        """``r`` sampled a token and will decode one token per step from the next step on."""
-        if r.out and r.nref < len(r.nodes):  # hold the output node, which decoding fills block by block
-            node = r.nodes[-1]
-            st = self.nodes.get(node)
-            if st is None:
-                st = self.nodes[node] = _Node()
-            elif st.ref == 0 and st.n:  # a stale copy of this output: drop it
-                del self.lru[node]
-                self.free -= st.n
-                self._free_plain(st.n)
-                st.n = 0
-            st.ref += 1
-            st.owner = r
-            r.nref = len(r.nodes)
-        elif r.out:
-            self.nodes[r.nodes[-1]].owner = r
-        r.state = _DECODE
-        lora = r.sim.lora
-        if lora is not None:
-            self.decoding_loras[lora] = self.decoding_loras.get(lora, 0) + 1
-        k = self.K
-        c = r.computed
-        if r.out:
-            r.base = max(min(c // self.bs, r.hi[-1]) - r.lo[-1], 0)
-            r.absorbed = 0
-        r.k0 = k
-        r.c0 = c
-        r.res = (c - k) % self.bs
-        self.hist[r.res] += 1
-        self.n_dec += 1
-        self.ctx += c
-        r.finish_k = k + r.sim.output_tokens - r.generated
-        heapq.heappush(self.heap, (r.finish_k, r.seq, r))
-
     def _leave(self, r: _Req) -> None:
         """``r`` stops decoding (finished or preempted): settle its counters and its output blocks."""
         c = r.c0 + self.K - r.k0
@@ -602,11 +573,62 @@ class FastEngine:
             r.dup += own - r.base - r.absorbed
 
     def _finish(self, r: _Req, now: float) -> None:
+        """``r`` generated its last token at ``now``: settle its counters, give back its blocks, record it.
+
+        The decoder's exit (:meth:`_leave`) and :meth:`_release` inlined: this runs once per request.
+        """
+        bs = self.bs
+        states = self.nodes
         if r.state == _DECODE:
-            self._leave(r)
+            steps = self.K - r.k0
+            c = r.c0 + steps
+            lora = r.sim.lora
+            if lora is not None:
+                left = self.decoding_loras[lora] - 1
+                if left:
+                    self.decoding_loras[lora] = left
+                else:
+                    del self.decoding_loras[lora]
+            self.n_dec -= 1
+            self.ctx -= c
+            self.hist[r.res] -= 1
+            r.generated += steps
+            r.computed = c
+            plain = (1 if c % bs else 0) + r.dup
+            if r.out:
+                st = states[r.nodes[-1]]
+                own = min(c // bs, r.hi[-1]) - r.lo[-1]
+                if own > st.n:  # vLLM cached each block of generated tokens as it filled (see _sync)
+                    r.absorbed += own - st.n
+                    st.n = own
+                st.owner = None
+                # Output blocks it filled that another request had already computed (quoting the answer
+                # while it was generated) are private copies.
+                plain += max(own, 0) - r.base - r.absorbed
+        else:
+            plain = r.partial + r.dup
         r.state = _DONE
         del self.running[r]
-        self._release(r)
+        # _release: its partial block and copies, then its nodes last first; cached ones stay cached.
+        if plain > 0:
+            self._free_plain(plain)
+        r.partial = r.dup = 0
+        lru = self.lru
+        caching = self.caching
+        nodes = r.nodes
+        for i in range(r.nref - 1, -1, -1):
+            node = nodes[i]
+            st = states[node]
+            st.ref -= 1
+            if st.ref == 0:
+                if st.n and caching:
+                    lru[node] = None
+                    self.free += st.n
+                else:
+                    self._free_plain(st.n)
+                    del states[node]
+        r.nref = 0
+        r.alloc = 0
         self.recorder.finish(r.sim, self.index, r.first_token, now, r.cached)
 
     def _preempt(self, r: _Req) -> None:
@@ -634,90 +656,117 @@ class FastEngine:
             return False  # the max_loras rule may skip the head and admit one behind it: plan every step
         head = self.waiting[0]
         blocks, dup = self._lookup(head)
-        # _plan, called next when this is False, reuses the lookup unless its decoders evict something.
-        self._head_hit = (head, blocks, dup, self.evicted_blocks)
         hit = blocks * self.bs
-        budget = self.config.max_num_batched_tokens - self.n_dec
-        need = self._need(head, hit + min(head.num_tokens - hit, budget)) + dup
-        return need > self.free - self.hist[(-self.K) % self.bs]
+        total = hit + min(head.num_tokens - hit, self.config.max_num_batched_tokens - self.n_dec)
+        need = self._need(head, total)
+        # _plan, called next when this is False, reuses the lookup unless its decoders evict something.
+        self._head_hit = (head, blocks, dup, self.evicted_blocks, total, need)
+        return need + dup > self.free - self.hist[(-self.K) % self.bs]
 
-    def _jump_steps(self, s: float, t: float) -> int:
-        """How many decode-only steps can be applied at once: all end by ``t``, only the last may finish
-        requests, none runs out of blocks."""
+    def _decode(self, s: float, t: float) -> float | None:
+        """Apply decode-only steps from ``s`` (the batch is stable: nothing can be admitted) at once.
+
+        Runs of steps that end by ``t`` are applied up to each step that finishes a request; while nothing
+        waits, the run goes on with the smaller batch. The step that straddles ``t`` is put in flight (its
+        blocks taken now, as :meth:`_plan` would), so the next arrival joins the step after it, as in vLLM.
+        Returns ``None``, or the start of the next step when not even that one fits in the free blocks
+        (:meth:`_plan` preempts).
+        """
         heap = self.heap
-        while heap and (heap[0][2].state != _DECODE or heap[0][2].finish_k != heap[0][0]):
-            heapq.heappop(heap)
-        j = heap[0][0] - self.K  # up to the step that finishes the first request
-        if j <= 0:
-            return 0
-        n = self.n_dec
         bs = self.bs
-        # KV: n blocks every bs steps; count whole cycles, then walk the next one.
-        cycles = self.free // n
-        if cycles * bs < j:
-            used = cycles * n
-            walk = cycles * bs
-            hist = self.hist
-            k = self.K + walk
-            while walk < j:
-                need = hist[(-k) % bs]
-                if used + need > self.free:
-                    break
-                used += need
-                walk += 1
-                k += 1
-            j = walk
-            if j <= 0:
-                return 0
-        if t != math.inf:
-            a = self.profile.step_ms(prefill_tokens=0, decode_seqs=n, context_tokens=self.ctx) / 1000.0
-            b = n * self._kv_s_per_token
-            span = t - s
-            if b > 0:
-                half = a - b / 2.0
-                jt = int((-half + math.sqrt(half * half + 2.0 * b * span)) / b)
-            elif a > 0:
-                jt = int(span / a)
-            else:
-                jt = j
-            jt = max(jt, 0)
-            while jt > 0 and jt * a + b * jt * (jt - 1) / 2.0 > span:
-                jt -= 1
-            while jt < j and (jt + 1) * a + b * (jt + 1) * jt / 2.0 <= span:
-                jt += 1
-            j = min(j, jt)
-        return j
-
-    def _jump(self, s: float, j: int) -> None:
-        """Apply ``j`` decode-only steps starting at ``s`` (see :meth:`_jump_steps`)."""
-        n = self.n_dec
-        bs = self.bs
-        a = self.profile.step_ms(prefill_tokens=0, decode_seqs=n, context_tokens=self.ctx) / 1000.0
-        b = n * self._kv_s_per_token
-        span = j * a + b * j * (j - 1) / 2.0
-        cycles, rest = divmod(j, bs)
-        blocks = cycles * n
         hist = self.hist
-        k = self.K + cycles * bs
-        for _ in range(rest):
-            blocks += hist[(-k) % bs]
-            k += 1
-        if blocks:
-            self._take(blocks)
-        if self.decoding_loras:
-            self._load_loras(set(self.decoding_loras))  # every step needs the same, resident adapters
-        self.K += j
-        self.ctx += j * n
-        self.steps += j
-        self.busy_s += span
-        self.generation_tokens += j * n
-        now = self._next = s + span
-        heap = self.heap
-        k = self.K
-        while heap and heap[0][0] <= k:
-            fk, _, r = heapq.heappop(heap)
-            if r.state == _DECODE and r.finish_k == fk:
-                self._finish(r, now)
+        p = self.profile
+        kvs = self._kv_s_per_token
+        overhead, weights, mpt, per_seq, kv = (
+            p.step_overhead_ms, p.weights_ms, p.ms_per_token, p.ms_per_decode_seq, p.ms_per_kv_ktoken,
+        )  # fmt: skip
+        waiting = self.waiting
+        self._head_hit = None
+        while True:
+            while True:
+                fk, _, r = heap[0]
+                if r.state == _DECODE and r.finish_k == fk:
+                    break
+                heapq.heappop(heap)
+            k0 = self.K
+            n = self.n_dec
+            j = fk - k0  # up to the step that finishes the first request (>= 1)
+            free = self.free
+            if free < n * (-(-j // bs)):
+                # KV: n blocks every bs steps; count whole cycles, then walk the next one.
+                cycles = free // n
+                used = cycles * n
+                walk = cycles * bs
+                k = k0 + walk
+                while walk < j:
+                    need = hist[(-k) % bs]
+                    if used + need > free:
+                        break
+                    used += need
+                    walk += 1
+                    k += 1
+                j = walk
+                if j <= 0:
+                    self._next = s
+                    return s
+            ctx = self.ctx
+            compute = n * mpt
+            a = (overhead + (weights if weights > compute else compute) + (n * per_seq + ctx * kv / 1000.0)) / 1000.0
+            b = n * kvs
+            jt = j
+            if t != math.inf:
+                span = t - s
+                if b > 0:
+                    half = a - b / 2.0
+                    jt = int((-half + math.sqrt(half * half + 2.0 * b * span)) / b)
+                elif a > 0:
+                    jt = int(span / a)
+                jt = max(jt, 0)
+                while jt > 0 and jt * a + b * jt * (jt - 1) / 2.0 > span:
+                    jt -= 1
+                while jt < j and (jt + 1) * a + b * (jt + 1) * jt / 2.0 <= span:
+                    jt += 1
+            straddle = jt < j
+            if straddle:
+                j = jt
+            # Blocks the decoders start: hist over the residues (-k) % bs for k in [k0, k0 + j), and in the
+            # step in flight (all taken at once: the free queue ends up the same).
+            cycles, rest = divmod(j + straddle, bs)
+            blocks = cycles * n
+            if rest:
+                top = (-k0) % bs + 1
+                low = top - rest
+                blocks += sum(hist[low:top]) if low >= 0 else sum(hist[:top]) + sum(hist[bs + low :])
+            if blocks:
+                self._take(blocks)
+            if j:
+                if self.decoding_loras:
+                    self._load_loras(set(self.decoding_loras))  # every step needs the same, resident adapters
+                span = j * a + b * j * (j - 1) / 2.0
+                self.K = k = k0 + j
+                self.ctx = ctx + j * n
+                self.steps += j
+                self.busy_s += span
+                self.generation_tokens += j * n
+                s = s + span
+            if straddle:
+                # The step in flight at t: decode only (the driver submits arrivals after this).
+                if self.decoding_loras:
+                    self._load_loras(set(self.decoding_loras))
+                self._sched = []
+                self._step_dec = n
+                self._inflight = True
+                self._start = s
+                self._end = s + (a + b * j)
+                self._next = s
+                return None
+            while heap and heap[0][0] <= k:
+                fk, _, r = heapq.heappop(heap)
+                if r.state == _DECODE and r.finish_k == fk:
+                    self._finish(r, s)
+            if not self.n_dec or waiting:
+                self._next = s
+                return None
 
     def _plan(self, now: float) -> None:
         """Schedule one step at ``now`` (vLLM's ``schedule``): running requests, then waiting ones."""
@@ -770,13 +819,18 @@ class FastEngine:
                     skipped.append(waiting.popleft())  # vLLM skips it and keeps looking behind it
                     continue
                 if head_hit is not None and head_hit[0] is r and head_hit[3] == self.evicted_blocks:
-                    blocks, dup = head_hit[1], head_hit[2]
+                    _, blocks, dup, _, total, need = head_hit
+                    hit = blocks * bs
+                    num_new = min(r.num_tokens - hit, budget)
+                    if hit + num_new != total:
+                        need = self._need(r, hit + num_new)
                 else:
                     blocks, dup = self._lookup(r)
+                    hit = blocks * bs
+                    num_new = min(r.num_tokens - hit, budget)
+                    need = self._need(r, hit + num_new)
                 head_hit = None
-                hit = blocks * bs
-                num_new = min(r.num_tokens - hit, budget)
-                if self._need(r, hit + num_new) + dup > self.free:
+                if need + dup > self.free:
                     break
                 waiting.popleft()
                 self.pending_prefill -= r.est
@@ -844,32 +898,64 @@ class FastEngine:
         self.busy_s += now - self._start
         n = self._step_dec
         if n:
-            self.K += 1
+            self.K = k = self.K + 1
             self.ctx += n
             self.generation_tokens += n
             heap = self.heap
-            k = self.K
             while heap and heap[0][0] <= k:
                 fk, _, r = heapq.heappop(heap)
                 if r.state == _DECODE and r.finish_k == fk:
                     self._finish(r, now)
         sched = self._sched
-        if sched:
-            self._sched = []
-            for r, num_new in sched:
-                if r.state != _PREFILL:
-                    continue
-                r.computed += num_new
-                if r.computed < r.num_tokens:
-                    continue  # a chunk of a long prompt: no token yet
-                if self.prefilling is r:
-                    self.prefilling = None
-                r.generated += 1
-                r.num_tokens += 1
-                self.generation_tokens += 1
-                if r.first_token < 0:
-                    r.first_token = now
-                if r.generated >= r.sim.output_tokens:
-                    self._finish(r, now)
+        if not sched:
+            return
+        self._sched = []
+        bs = self.bs
+        for r, num_new in sched:
+            if r.state != _PREFILL:
+                continue
+            c = r.computed = r.computed + num_new
+            if c < r.num_tokens:
+                continue  # a chunk of a long prompt: no token yet
+            if self.prefilling is r:
+                self.prefilling = None
+            r.generated += 1
+            r.num_tokens += 1
+            self.generation_tokens += 1
+            if r.first_token < 0:
+                r.first_token = now
+            if r.generated >= r.sim.output_tokens:
+                self._finish(r, now)
+                continue
+            # It joins the decoders: one token per step from the next step on.
+            if r.out:
+                node = r.nodes[-1]
+                if r.nref < len(r.nodes):  # hold the output node, which decoding fills block by block
+                    st = self.nodes.get(node)
+                    if st is None:
+                        st = self.nodes[node] = _Node()
+                    elif st.ref == 0 and st.n:  # a stale copy of this output: drop it
+                        del self.lru[node]
+                        self.free -= st.n
+                        self._free_plain(st.n)
+                        st.n = 0
+                    st.ref += 1
+                    r.nref = len(r.nodes)
                 else:
-                    self._join(r)
+                    st = self.nodes[node]
+                st.owner = r
+                r.base = max(min(c // bs, r.hi[-1]) - r.lo[-1], 0)
+                r.absorbed = 0
+            r.state = _DECODE
+            lora = r.sim.lora
+            if lora is not None:
+                self.decoding_loras[lora] = self.decoding_loras.get(lora, 0) + 1
+            k = self.K
+            r.k0 = k
+            r.c0 = c
+            res = r.res = (c - k) % bs
+            self.hist[res] += 1
+            self.n_dec += 1
+            self.ctx += c
+            fk = r.finish_k = k + r.sim.output_tokens - r.generated
+            heapq.heappush(self.heap, (fk, r.seq, r))

@@ -166,8 +166,32 @@ class RoundRobinRouter(_Base):
 class LeastQueueRouter(_Base):
     name = "least-queue"
 
+    def __init__(self, seed: int = 0) -> None:
+        super().__init__(seed)
+        # The loads as of the last scrape, kept up to date: between two scrapes only ``dispatched`` moves,
+        # and only on the engines this policy chose, so only the last choice is read again.
+        self._scraped_at = -math.inf
+        self._loads: list[int] = []
+        self._last = -1
+        self._views: Sequence[EngineView] | None = None
+
     def route(self, request: SimRequest, engines: Sequence[EngineView]) -> int:
-        return self._pick_min([v.waiting + v.running + v.dispatched for v in engines])
+        loads = self._loads
+        at = engines[0].scraped_at
+        if at != self._scraped_at or engines is not self._views:
+            self._scraped_at = at
+            self._views = engines
+            loads = self._loads = [v.waiting + v.running + v.dispatched for v in engines]
+        else:
+            v = engines[self._last]
+            loads[self._last] = v.waiting + v.running + v.dispatched
+        best = min(loads)
+        if loads.count(best) == 1:
+            choice = loads.index(best)
+        else:
+            choice = self.rng.choice([i for i, load in enumerate(loads) if load == best])
+        self._last = choice
+        return choice
 
 
 class _ChunkIndex:
@@ -246,9 +270,16 @@ class PrefixLoadRouter(_Base):
         self.lru_capacity = lru_capacity
         self._index: _ChunkIndex | None = None
         # Per scrape: the kv term of every engine and the queues, which only ``dispatched`` changes until
-        # the next scrape (read back from the views, not counted here, so rejected requests do not count).
+        # the next scrape, and only on the engines this policy chose (the last choice is read back from its
+        # view, not counted here, so rejected requests do not count); the queue and kv part of the scores,
+        # which changes only where the queue did while the queues' min and max stay.
         self._scraped_at = -math.inf
         self._kv_terms: list[float] = []
+        self._queues: list[int] = []
+        self._last = -1
+        self._base: list[float] | None = None
+        self._base_range = (0, 0)
+        self._views: Sequence[EngineView] | None = None
 
     def route(self, request: SimRequest, engines: Sequence[EngineView]) -> int:
         index = self._index
@@ -259,18 +290,39 @@ class PrefixLoadRouter(_Base):
         matched = index.match(runs)
         wq, wkv, wp = self.weights
         at = engines[0].scraped_at
-        if at != self._scraped_at:
+        queues = self._queues
+        base = self._base
+        if at != self._scraped_at or engines is not self._views:
             self._scraped_at = at
+            self._views = engines
             self._kv_terms = [wkv * (1.0 - v.kv_usage) for v in engines]
-        kv_terms = self._kv_terms
-        queues = [v.waiting + v.dispatched for v in engines]
-        qmin = min(queues)
-        qmax = max(queues)
-        if qmax == qmin:
-            scores = [wq + kv for kv in kv_terms]
+            queues = self._queues = [v.waiting + v.dispatched for v in engines]
+            base = None
         else:
-            qs = wq / (qmax - qmin)
-            scores = [qs * (qmax - q) + kv for q, kv in zip(queues, kv_terms, strict=True)]
+            last = self._last
+            v = engines[last]
+            q = v.waiting + v.dispatched
+            if q != queues[last]:
+                queues[last] = q
+                if base is not None:
+                    if self._base_range != (min(queues), max(queues)):
+                        base = None
+                    else:  # the same expression as below, for the one engine whose queue moved
+                        qmin, qmax = self._base_range
+                        kv = self._kv_terms[last]
+                        base[last] = wq + kv if qmax == qmin else wq / (qmax - qmin) * (qmax - q) + kv
+        if base is None:
+            kv_terms = self._kv_terms
+            qmin = min(queues)
+            qmax = max(queues)
+            if qmax == qmin:
+                base = [wq + kv for kv in kv_terms]
+            else:
+                qs = wq / (qmax - qmin)
+                base = [qs * (qmax - q) + kv for q, kv in zip(queues, kv_terms, strict=True)]
+            self._base = base
+            self._base_range = (qmin, qmax)
+        scores = base.copy()
         if total:
             prefix = wp / total
             for i, m in matched.items():
@@ -281,6 +333,7 @@ class PrefixLoadRouter(_Base):
         else:
             choice = self.rng.choice([i for i, score in enumerate(scores) if score == best])
         index.insert(choice, runs)
+        self._last = choice
         return choice
 
 
