@@ -27,6 +27,10 @@ class Result:
     output_tokens: int = 0
     endpoint: str | None = None
     error: str | None = None
+    prompt_tokens: int = 0
+    """From the response's ``usage`` (streamed: the final usage chunk, when asked for)."""
+    cached_tokens: int = 0
+    """``usage.prompt_tokens_details.cached_tokens``: prompt tokens the server had in its prefix cache."""
 
 
 @dataclass(slots=True)
@@ -48,6 +52,7 @@ async def send(http: aiohttp.ClientSession, base_url: str, spec: RequestSpec) ->
             if resp.status != 200:
                 text = await resp.text()
                 return Result(False, resp.status, None, time.perf_counter() - started, 0, endpoint, text[:200])
+            usage: dict[str, Any] = {}
             if stream:
                 async for line in resp.content:
                     if not line.startswith(b"data: ") or line.startswith(b"data: [DONE]"):
@@ -58,10 +63,16 @@ async def send(http: aiohttp.ClientSession, base_url: str, spec: RequestSpec) ->
                         if ttft is None:
                             ttft = time.perf_counter() - started
                         tokens += 1
+                    if isinstance(chunk.get("usage"), dict):
+                        usage = chunk["usage"]
             else:
                 data = orjson.loads(await resp.read())
-                tokens = int((data.get("usage") or {}).get("completion_tokens", 0))
-            return Result(True, 200, ttft, time.perf_counter() - started, tokens, endpoint)
+                usage = data.get("usage") or {}
+                tokens = int(usage.get("completion_tokens", 0))
+            details = usage.get("prompt_tokens_details") or {}
+            return Result(True, 200, ttft, time.perf_counter() - started, tokens, endpoint,
+                          prompt_tokens=int(usage.get("prompt_tokens") or 0),
+                          cached_tokens=int(details.get("cached_tokens") or 0))  # fmt: skip
     except (TimeoutError, aiohttp.ClientError, ValueError) as exc:
         return Result(False, 0, None, time.perf_counter() - started, 0, None, f"{type(exc).__name__}: {exc}")
 

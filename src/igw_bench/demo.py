@@ -38,20 +38,22 @@ class DemoOptions:
 
 
 def workload(n: int, seed: int) -> list[RequestSpec]:
-    """A mix: streamed chat (half), plain chat, completions; short and long prompts."""
+    """A mix: chat (streamed or not) under one of a few long shared system prompts, as assistants
+    and agents send it, and plain completions; short and long prompts."""
     rng = random.Random(seed)
+    systems = [f"You are assistant {k}. " + " ".join(rng.choice(_WORDS) for _ in range(300)) for k in range(6)]
     specs: list[RequestSpec] = []
     for i in range(n):
         words = " ".join(rng.choice(_WORDS) for _ in range(rng.choice((20, 60, 400))))
         max_tokens = rng.choice((8, 16, 32, 64))
         kind = rng.random()
+        messages = [{"role": "system", "content": rng.choice(systems)}, {"role": "user", "content": f"#{i} {words}"}]
         if kind < 0.5:
-            body = {"model": MODEL, "messages": [{"role": "user", "content": f"#{i} {words}"}],
-                    "max_tokens": max_tokens, "stream": True, "stream_options": {"include_usage": True}}  # fmt: skip
+            body = {"model": MODEL, "messages": messages, "max_tokens": max_tokens, "stream": True,
+                    "stream_options": {"include_usage": True}}  # fmt: skip
             specs.append(RequestSpec("/v1/chat/completions", body))
         elif kind < 0.75:
-            body = {"model": MODEL, "messages": [{"role": "user", "content": f"#{i} {words}"}],
-                    "max_tokens": max_tokens}  # fmt: skip
+            body = {"model": MODEL, "messages": messages, "max_tokens": max_tokens}
             specs.append(RequestSpec("/v1/chat/completions", body))
         else:
             specs.append(RequestSpec("/v1/completions", {"model": MODEL, "prompt": words, "max_tokens": max_tokens}))
@@ -61,7 +63,7 @@ def workload(n: int, seed: int) -> list[RequestSpec]:
 def summary_table(results: list[Result]) -> Table:
     table = Table(title="Per endpoint", show_lines=False)
     table.add_column("endpoint", no_wrap=True)
-    for col in ("requests", "share", "TTFT p50 ms*", "TTFT p90 ms*", "errors"):
+    for col in ("requests", "share", "TTFT p50 ms*", "TTFT p90 ms*", "prompt cached", "errors"):
         table.add_column(col, justify="right")
     by_ep: dict[str, list[Result]] = {}
     for r in results:
@@ -72,9 +74,15 @@ def summary_table(results: list[Result]) -> Table:
         ttfts = [r.ttft_s * 1000 for r in rs if r.ok and r.ttft_s is not None]
         table.add_row(
             ep, str(len(rs)), f"{100 * len(rs) / total:.0f}%", f"{percentile(ttfts, 50):.1f}",
-            f"{percentile(ttfts, 90):.1f}", str(sum(1 for r in rs if not r.ok)),
+            f"{percentile(ttfts, 90):.1f}", f"{cached_share(rs):.0f}%", str(sum(1 for r in rs if not r.ok)),
         )  # fmt: skip
     return table
+
+
+def cached_share(results: list[Result]) -> float:
+    """Percent of the prompt tokens the servers found in their prefix caches."""
+    prompt = sum(r.prompt_tokens for r in results if r.ok)
+    return 100 * sum(r.cached_tokens for r in results if r.ok) / prompt if prompt else 0.0
 
 
 async def _demo(opts: DemoOptions, console: Console, logs: Path) -> int:
@@ -116,6 +124,10 @@ async def _demo(opts: DemoOptions, console: Console, logs: Path) -> int:
             )
         console.print(summary_table(results))
         console.print("* time to first token, over the streamed requests", style="dim")
+        console.print(
+            f"{cached_share(results):.0f}% of the prompt tokens were already in the chosen server's prefix cache "
+            "(requests that share a system prompt go where it is cached)"
+        )
         ok = [r for r in results if r.ok]
         e2e = [r.e2e_s * 1000 for r in ok]
         statuses = Counter(r.status for r in results if not r.ok)
