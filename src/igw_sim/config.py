@@ -46,7 +46,8 @@ class EngineConfig:
     """Real seconds per simulated second (2.0 = everything takes twice as long)."""
 
     kv_blocks: int = 8192
-    """KV cache size in blocks (reported as ``num_gpu_blocks``)."""
+    """KV cache size in blocks, vLLM's ``--num-gpu-blocks-override`` (reported as ``num_gpu_blocks``). As in
+    vLLM, one is the null block, so ``kv_blocks - 1`` hold tokens."""
     block_size: int = 16
     """Tokens per KV block."""
     enable_prefix_caching: bool = True
@@ -68,6 +69,8 @@ class EngineConfig:
         for name in ("max_num_seqs", "max_num_batched_tokens", "kv_blocks", "block_size", "max_model_len", "max_loras"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1")
+        if self.kv_blocks < 2:
+            raise ValueError("kv_blocks must be >= 2 (one is vLLM's null block)")
         if self.max_waiting < 0:
             raise ValueError("max_waiting must be >= 0")
         for name in ("prefill_overhead_ms", "prefill_ms_per_token", "itl_ms", "lora_load_ms"):

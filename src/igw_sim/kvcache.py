@@ -7,15 +7,19 @@ Model, per engine:
 * A *full* block of a sequence is registered under its chained hash (see :mod:`igw_sim.hashing`) as soon
   as the step that computes it is scheduled (vLLM does the same: nobody can read it before that step
   ends). Registering emits :class:`~igw_sim.kvevents.BlockStored`. A partial tail block is never cached.
-* Free blocks (``ref_cnt == 0``) sit in one LRU queue, cached or not. Allocation takes the *front* of the
+* Block 0 is vLLM's *null block*, set aside and never handed out: ``num_blocks`` is vLLM's
+  ``num_gpu_blocks`` (``--num-gpu-blocks-override``) and ``num_blocks - 1`` blocks are usable.
+* Free blocks (``ref_cnt == 0``) sit in one queue, cached or not. Allocation takes the *front* of the
   queue; when that block still holds a cached hash, the hash is dropped (an eviction, one
-  :class:`~igw_sim.kvevents.BlockRemoved` per block). Freeing a sequence appends its blocks to the back in
-  *reverse* order, so a prefix's tail is evicted before its head and cached chains stay usable.
+  :class:`~igw_sim.kvevents.BlockRemoved` per block). Freeing a sequence walks its blocks in *reverse*
+  order, as vLLM 0.32's ``BlockPool.free_blocks`` does: blocks that hold a hash go to the back (LRU, so a
+  prefix's tail is evicted before its head and cached chains stay usable), blocks without one (a partial
+  last block, any block when caching is off) go to the front, to be reused first.
 * Two sequences may compute the same block concurrently (both missed); both copies are registered under
   the same hash and both are reported stored, like vLLM. A lookup takes either.
 * A prefix hit is capped at ``num_tokens - 1`` tokens: the last prompt token is always recomputed so the
   step can sample from it (vLLM's ``max_cache_hit_length``).
-* ``usage`` is ``1 - free / num_blocks``; cached blocks nobody references count as free.
+* ``usage`` is ``1 - free / (num_blocks - 1)``; cached blocks nobody references count as free.
 
 Pure: no clock, no I/O. Events pile up until :meth:`KVCacheManager.take_events`.
 """
@@ -71,13 +75,15 @@ class KVCacheManager:
     """Blocks, the prefix-cache index, per-request block tables and the event log of one engine."""
 
     def __init__(self, *, num_blocks: int, block_size: int, enable_caching: bool = True) -> None:
-        if num_blocks < 1 or block_size < 1:
-            raise ValueError("num_blocks and block_size must be >= 1")
+        if num_blocks < 2 or block_size < 1:
+            raise ValueError("num_blocks must be >= 2 (one is the null block) and block_size >= 1")
         self.num_blocks = num_blocks
+        """vLLM's ``num_gpu_blocks``, the null block included."""
+        self.num_usable_blocks = num_blocks - 1
         self.block_size = block_size
         self.enable_caching = enable_caching
         self.blocks = [Block(i) for i in range(num_blocks)]
-        self._free: OrderedDict[int, None] = OrderedDict.fromkeys(range(num_blocks))
+        self._free: OrderedDict[int, None] = OrderedDict.fromkeys(range(1, num_blocks))
         self._cached: dict[bytes, dict[int, Block]] = {}
         self._tables: dict[str, list[Block]] = {}
         self._num_cached_blocks: dict[str, int] = {}
@@ -92,8 +98,8 @@ class KVCacheManager:
 
     @property
     def usage(self) -> float:
-        """Fraction of blocks referenced by some sequence, in ``[0, 1]``."""
-        return 1.0 - len(self._free) / self.num_blocks
+        """Fraction of the usable blocks referenced by some sequence, in ``[0, 1]`` (vLLM's ``get_usage``)."""
+        return 1.0 - len(self._free) / self.num_usable_blocks
 
     @property
     def num_cached_blocks(self) -> int:
@@ -168,14 +174,23 @@ class KVCacheManager:
         self._num_cached_blocks.pop(request_id, None)
         if table is None:
             return
+        free = self._free
+        reuse_first: list[int] = []
         for block in reversed(table):
             block.ref_cnt -= 1
             if block.ref_cnt == 0:
-                self._free[block.block_id] = None
+                if block.block_hash is None:
+                    reuse_first.append(block.block_id)
+                else:
+                    free[block.block_id] = None
+        # Front of the queue, in the same reverse order: the partial last block is reused first.
+        for block_id in reversed(reuse_first):
+            free[block_id] = None
+            free.move_to_end(block_id, last=False)
 
     def reset_prefix_cache(self) -> bool:
         """Forget every cached hash; refused (``False``) while any block is in use, like vLLM."""
-        if len(self._free) != self.num_blocks:
+        if len(self._free) != self.num_usable_blocks:
             return False
         for block in self.blocks:
             block.block_hash = None

@@ -189,7 +189,7 @@ class EngineCollector(Collector):
         yield self._gauge("sglang:num_running_reqs", "The number of running requests.", eng.running)
         yield self._gauge("sglang:num_queue_reqs", "The number of requests in the waiting queue.", eng.waiting)
         yield self._gauge("sglang:token_usage", "The token usage.", eng.kv_usage)
-        used = round(eng.kv_usage * cfg.kv_blocks) * cfg.block_size
+        used = round(eng.kv_usage * (cfg.kv_blocks - 1)) * cfg.block_size
         yield self._gauge("sglang:num_used_tokens", "The number of used tokens.", used)
         queries = stats.prefix_cache_queries_total
         rate = stats.prefix_cache_hits_total / queries if queries else 0.0

@@ -235,10 +235,10 @@ class EngineCore:
                 f"{total} tokens ({len(prompt_ids)} in the messages, {max_tokens} in the completion). "
                 "Please reduce the length of the messages or completion."
             )
-        if -(-total // cfg.block_size) > cfg.kv_blocks:
+        if -(-total // cfg.block_size) > cfg.kv_blocks - 1:  # one is the null block
             raise ContextLengthError(
                 f"The request needs {total} tokens of KV cache but the cache holds only "
-                f"{cfg.kv_blocks * cfg.block_size} tokens."
+                f"{(cfg.kv_blocks - 1) * cfg.block_size} tokens."
             )
         adapter = None
         if lora_name is not None:

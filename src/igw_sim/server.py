@@ -410,7 +410,7 @@ class SimServer:
 
     async def _get_load(self, request: web.Request) -> web.StreamResponse:
         eng = self.engine
-        used_tokens = round(eng.kv_usage * eng.config.kv_blocks) * eng.config.block_size
+        used_tokens = round(eng.kv_usage * (eng.config.kv_blocks - 1)) * eng.config.block_size
         return _json(
             [
                 {

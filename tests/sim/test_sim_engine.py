@@ -130,7 +130,8 @@ async def test_closing_a_queued_generation_leaves_the_queue() -> None:
 
 
 async def test_kv_usage_counts_blocks_held_by_running_sequences() -> None:
-    engine = Engine(EngineConfig(max_num_seqs=2, kv_blocks=10, block_size=16, prefill_overhead_ms=1, itl_ms=1))
+    # 11 blocks: 10 usable, one is vLLM's null block
+    engine = Engine(EngineConfig(max_num_seqs=2, kv_blocks=11, block_size=16, prefill_overhead_ms=1, itl_ms=1))
     a = engine.submit(prompt_tokens=17, max_tokens=10)
     await a.__anext__()  # prefilled: 17 prompt tokens in 2 blocks
     assert engine.kv_usage == pytest.approx(0.2)

@@ -32,11 +32,12 @@ def _h(tokens: list[int]) -> list[bytes]:
 
 
 def test_hits_share_blocks_and_eviction_takes_the_lru_front_tail_first() -> None:
-    kv = KVCacheManager(num_blocks=4, block_size=4)
+    kv = KVCacheManager(num_blocks=5, block_size=4)
+    assert kv.free_queue() == [1, 2, 3, 4]  # block 0 is vLLM's null block
     a = Req("a", list(range(1, 11)))  # 10 tokens: 2 full blocks + 2 tokens
     assert kv.get_computed_blocks(a) == ([], 0)
     assert kv.allocate_slots(a, 10)
-    assert kv.block_ids("a") == [0, 1, 2]
+    assert kv.block_ids("a") == [1, 2, 3]
     (stored,) = kv.take_events()
     assert stored == BlockStored(
         block_hashes=tuple(_h(a.token_ids)),
@@ -48,29 +49,30 @@ def test_hits_share_blocks_and_eviction_takes_the_lru_front_tail_first() -> None
         extra_keys=(None, None),
     )
     kv.free("a")
-    # Freed in reverse order behind the never-used block 3: a's tail goes first.
-    assert kv.free_queue() == [3, 2, 1, 0]
+    # Freed in reverse order: the partial block 3 (no hash) to the front, to be reused first; the cached
+    # ones behind the never-used block 4, a's tail first.
+    assert kv.free_queue() == [3, 4, 2, 1]
     assert kv.usage == 0.0
     assert kv.num_cached_blocks == 2
 
     b = Req("b", [*range(1, 9), 99, 100])
     hits, tokens = kv.get_computed_blocks(b)
-    assert ([blk.block_id for blk in hits], tokens) == ([0, 1], 8)
+    assert ([blk.block_id for blk in hits], tokens) == ([1, 2], 8)
     b.num_computed_tokens = 0
     assert kv.allocate_slots(b, 2, hits)
-    assert kv.block_ids("b") == [0, 1, 3]
+    assert kv.block_ids("b") == [1, 2, 3]
     assert kv.take_events() == []  # hit blocks are not stored again; the tail is partial
-    assert kv.usage == pytest.approx(0.75)
+    assert kv.usage == pytest.approx(0.75)  # of the 4 usable blocks
 
-    c = Req("c", list(range(50, 62)))  # 12 tokens: needs 3 blocks, only block 2 is free
+    c = Req("c", list(range(50, 62)))  # 12 tokens: needs 3 blocks, only block 4 is free
     assert not kv.allocate_slots(c, 12)
     assert kv.block_ids("c") == []
-    assert kv.free_queue() == [2]
+    assert kv.free_queue() == [4]
 
     kv.free("b")
-    assert kv.free_queue() == [2, 3, 1, 0]
+    assert kv.free_queue() == [3, 4, 2, 1]
     assert kv.allocate_slots(c, 12)
-    assert kv.block_ids("c") == [2, 3, 1]  # block 1 (a's second block) is evicted, block 0 survives
+    assert kv.block_ids("c") == [3, 4, 2]  # block 2 (a's second block) is evicted, block 1 survives
     removed, stored_c = kv.take_events()
     assert removed == BlockRemoved(block_hashes=(_h(a.token_ids)[1],))
     assert isinstance(stored_c, BlockStored)
@@ -79,6 +81,26 @@ def test_hits_share_blocks_and_eviction_takes_the_lru_front_tail_first() -> None
 
     d = Req("d", list(range(1, 12)))
     assert kv.get_computed_blocks(d)[1] == 4  # only a's first block is left
+
+
+def test_blocks_without_a_hash_are_reused_first_in_reverse_table_order() -> None:
+    kv = KVCacheManager(num_blocks=9, block_size=4, enable_caching=False)
+    assert kv.allocate_slots(Req("a", list(range(9))), 9)
+    assert kv.allocate_slots(Req("b", list(range(5))), 5)
+    assert kv.block_ids("a") == [1, 2, 3]
+    kv.free("a")
+    assert kv.free_queue() == [3, 2, 1, 6, 7, 8]  # like a stack: the last block freed is reused first
+    assert kv.allocate_slots(Req("c", list(range(2))), 2)
+    assert kv.block_ids("c") == [3]
+
+
+def test_one_block_is_the_null_block() -> None:
+    with pytest.raises(ValueError, match="null block"):
+        KVCacheManager(num_blocks=1, block_size=4)
+    kv = KVCacheManager(num_blocks=2, block_size=4)
+    assert kv.allocate_slots(Req("a", list(range(4))), 4)
+    assert kv.usage == 1.0
+    assert not kv.allocate_slots(Req("b", list(range(1))), 1)
 
 
 def test_a_full_prompt_hit_still_recomputes_the_last_token() -> None:
@@ -99,11 +121,11 @@ def test_prefix_hits_reference_count_shared_blocks() -> None:
     assert tokens == 8
     b.num_computed_tokens = 0
     assert kv.allocate_slots(b, 1, hits)
-    assert kv.blocks[0].ref_cnt == kv.blocks[1].ref_cnt == 2
-    assert kv.usage == pytest.approx(4 / 8)  # 2 shared + 1 tail each
+    assert kv.blocks[1].ref_cnt == kv.blocks[2].ref_cnt == 2
+    assert kv.usage == pytest.approx(4 / 7)  # 2 shared + 1 tail each, of 7 usable blocks
     kv.free("a")
-    assert kv.blocks[0].ref_cnt == 1
-    assert kv.usage == pytest.approx(3 / 8)
+    assert kv.blocks[1].ref_cnt == 1
+    assert kv.usage == pytest.approx(3 / 7)
     kv.free("b")
     assert kv.usage == 0.0
 

@@ -221,13 +221,13 @@ async def test_events_are_published_with_topic_sequence_and_recomputable_hashes(
 
 
 async def test_eviction_and_lora_events_in_array_format(sub: zmq.asyncio.Socket) -> None:
-    cfg = CONFIG.replace(kv_blocks=4, lora_modules=(("lora-a", "/adapters/a"),))
+    cfg = CONFIG.replace(kv_blocks=5, lora_modules=(("lora-a", "/adapters/a"),))  # 4 usable, one null block
     kv = KVEventsConfig(endpoint=_last_endpoint(sub), event_format="array")
     async with SimFleet(ports=[0], engine=cfg, kv_events=kv) as fleet, aiohttp.ClientSession() as session:
         base = f"http://{fleet.addresses[0]}"
         await _connected(sub, session, base)
         first = " ".join(f"a{i}" for i in range(33))  # 3 blocks while running, 2 of them full
-        second = " ".join(f"b{i}" for i in range(48))  # 3 blocks + 1 generated token: needs all 4
+        second = " ".join(f"b{i}" for i in range(48))  # 3 full blocks
         async with session.post(base + "/v1/completions", json={"prompt": first, "max_tokens": 1}) as r:
             assert r.status == 200
         _, _, (stored_a,) = decode_message(await _recv(sub))
@@ -235,8 +235,9 @@ async def test_eviction_and_lora_events_in_array_format(sub: zmq.asyncio.Socket)
         async with session.post(base + "/v1/completions", json=body) as r:
             assert r.status == 200
         _, _, events = decode_message(await _recv(sub))
-    # Freed in reverse: the never-used 4th block goes first, then the first request's tail block
-    # (partial: no event), then its second full block, evicted.
+    # The first request's blocks were freed in reverse: its partial tail block (no hash) to the front,
+    # its full ones behind the never-used 4th block. So the tail block goes first (no event), then the
+    # never-used block, then its second full block, evicted.
     assert [e["type"] for e in events] == ["BlockRemoved", "BlockStored"]
     assert events[0]["block_hashes"] == [stored_a["block_hashes"][1]]
     lora_stored = events[1]

@@ -51,7 +51,7 @@ def test_vllm_gauges_counters_and_cache_config() -> None:
         assert families[name].samples[0].labels == {"model_name": "m", "engine": "0"}
     assert _value(families, "vllm:num_requests_running") == 1
     assert _value(families, "vllm:num_requests_waiting") == 1
-    assert _value(families, "vllm:kv_cache_usage_perc") == pytest.approx(3 / 100)
+    assert _value(families, "vllm:kv_cache_usage_perc") == pytest.approx(3 / 99)  # one is the null block
     assert families["vllm:prefix_cache_queries"].type == "counter"
     assert _value(families, "vllm:prefix_cache_queries", "vllm:prefix_cache_queries_total") == 80
     assert _value(families, "vllm:prefix_cache_hits", "vllm:prefix_cache_hits_total") == 32
@@ -108,7 +108,7 @@ def test_sglang_names() -> None:
     families = _scrape(engine, "sglang")
     assert _value(families, "sglang:num_running_reqs") == 1
     assert _value(families, "sglang:num_queue_reqs") == 0
-    assert _value(families, "sglang:token_usage") == pytest.approx(2 / 50)
+    assert _value(families, "sglang:token_usage") == pytest.approx(2 / 49)  # one is the null block
     assert _value(families, "sglang:num_used_tokens") == 64
     (info,) = families["sglang:cache_config_info"].samples
     assert info.labels == {"page_size": "32", "num_pages": "50"}

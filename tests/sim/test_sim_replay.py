@@ -13,7 +13,7 @@ import pytest
 
 from igw_sim.cli import main as sim_main
 from igw_sim.config import EngineConfig
-from igw_sim.replay import EngineView, build_workload, make_router, run_replay
+from igw_sim.replay import EngineView, _compiled, build_workload, compiled, make_router, run_replay
 from igw_sim.replay.requests import SimRequest, chunk_runs
 from igw_sim.replay.routers import CacheAwareRouter, OracleRouter, PrefixLoadRouter
 from igw_sim.replay.workloads import load_jsonl, parse_spec, save_jsonl
@@ -320,3 +320,18 @@ def test_cli_rejects_bad_arguments(capsys: pytest.CaptureFixture[str]) -> None:
         sim_main(["replay", "--workload", "w1:qps=1,fill=0.5", "--policies", "nope"])
     assert exc.value.code == 2
     assert "unknown policy" in capsys.readouterr().err
+
+
+def test_a_compiled_build_is_used_only_while_it_matches_the_sources(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.setattr(_compiled, "build_root", lambda: tmp_path)
+    monkeypatch.delenv("IGW_SIM_PURE", raising=False)
+    assert _compiled.ext_dir() is None  # no build
+    (tmp_path / "stamp.json").write_text('{"digest": "stale"}')
+    assert _compiled.ext_dir() is None
+    (tmp_path / "stamp.json").write_text(f'{{"digest": "{_compiled.source_digest()}"}}')
+    assert _compiled.ext_dir() == tmp_path / "igw_sim" / "replay"
+    monkeypatch.setenv("IGW_SIM_PURE", "1")
+    assert _compiled.ext_dir() is None
+    assert isinstance(compiled(), bool)  # which variant this test run loaded: either is supported

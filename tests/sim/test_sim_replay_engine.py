@@ -62,9 +62,9 @@ def test_requests_arriving_together_share_a_step_and_a_later_one_hits_blocks_sch
 
 
 def test_eviction_takes_never_used_blocks_first_then_the_tail_of_the_oldest_prefix() -> None:
-    engine, done = _engine()
-    engine.submit(_req(0, 0.0, ("a", 512)), 0.0)  # 32 blocks, then cached and free
-    engine.submit(_req(1, 1.0, ("b", 800)), 1.0)  # 50 blocks: 32 never used, then 18 of a's tail
+    engine, done = _engine(kv_blocks=65)  # 64 usable, one is the null block
+    engine.submit(_req(0, 0.0, ("a", 512)), 0.0)  # 32 blocks, then cached and free; its partial one first
+    engine.submit(_req(1, 1.0, ("b", 800)), 1.0)  # 50 blocks: a's partial + 31 never used, 18 of a's tail
     engine.submit(_req(2, 2.0, ("a", 512)), 2.0)
     engine.advance(float("inf"))
     assert done[2].cached_tokens == (32 - 18) * 16

@@ -117,8 +117,9 @@ def test_max_num_seqs_token_budget_and_chunked_prefill() -> None:
 
 
 def test_preemption_recomputes_and_events_follow_lru_eviction() -> None:
-    """4 blocks of 4 tokens; two 6-token prompts generating 6 tokens each cannot both grow to 3 blocks."""
-    core = _core(block_size=4, kv_blocks=4, max_num_seqs=2)
+    """4 blocks of 4 tokens (and the null block); two 6-token prompts generating 6 tokens each cannot both
+    grow to 3 blocks."""
+    core = _core(block_size=4, kv_blocks=5, max_num_seqs=2)
     a = core.add_request(prompt_ids=[1, 2, 3, 4, 5, 6], max_tokens=6, now=0.0)
     b = core.add_request(prompt_ids=[11, 12, 13, 14, 15, 16], max_tokens=6, now=0.0)
     timeline: list[tuple[float, list[object]]] = []
@@ -130,7 +131,7 @@ def test_preemption_recomputes_and_events_follow_lru_eviction() -> None:
         outputs.extend((now, o) for o in core.complete(plan))
         if now == pytest.approx(0.040):
             assert b.status is RequestStatus.PREEMPTED
-            assert core.kv.block_ids(a.request_id) == [0, 1, 3]
+            assert core.kv.block_ids(a.request_id) == [1, 2, 4]
     assert now == pytest.approx(0.090)
     assert core.stats.preemptions_total == 1
     assert b.num_preemptions == 1
@@ -197,7 +198,7 @@ def test_abort_frees_blocks_and_skips_the_in_flight_step() -> None:
     a = core.add_request(prompt_ids=PROMPT64, max_tokens=5, now=0.0)
     plan = core.schedule(0.0)
     assert plan is not None
-    assert core.kv.usage == pytest.approx(4 / 64)
+    assert core.kv.usage == pytest.approx(4 / 63)  # one of the 64 is the null block
     core.abort(a)
     core.abort(a)  # idempotent
     assert core.complete(plan) == []
@@ -246,7 +247,7 @@ def test_a_request_is_never_scheduled_before_it_arrives() -> None:
 
 
 def test_waiting_requests_are_admitted_only_when_no_one_was_preempted() -> None:
-    core = _core(block_size=4, kv_blocks=3, max_num_seqs=4)
+    core = _core(block_size=4, kv_blocks=4, max_num_seqs=4)  # 3 usable
     a = core.add_request(prompt_ids=[1, 2, 3], max_tokens=8, now=0.0)  # grows to 3 blocks
     b = core.add_request(prompt_ids=[5, 6, 7], max_tokens=4, now=0.0)
     _step(core, 0.0)

@@ -18,15 +18,11 @@ the simulator's by the position of the stored block.
 * **K1** (fixed) vLLM 0.32 hashes *tagged* extra keys: ``("lora", name, path)`` and
   ``("cache_salt", salt)`` (``kv_cache_utils.generate_block_hash_extra_keys``); events still carry the
   bare name and salt. The simulator now does the same.
-
-One known difference is pinned with a strict ``xfail`` test, so fixing it makes the test fail until the
-marker is removed:
-
-* **K2** vLLM 0.32's ``BlockPool.free_blocks`` puts freed blocks that hold no cached content (a partial
-  last block, a duplicate) at the *front* of the free queue, and vLLM reserves one null block, so
-  ``--num-gpu-blocks-override N`` leaves ``N - 1`` usable blocks. The simulator appends every freed block
-  and uses all ``kv_blocks``. The prefix hits of these steps agree anyway; the order of evictions does
-  not. With both rules applied (a test-only subclass below), every event agrees.
+* **K2** (fixed) vLLM 0.32's ``BlockPool.free_blocks`` puts freed blocks that hold no cached content (a
+  partial last block) at the *front* of the free queue, and vLLM reserves one null block, so
+  ``--num-gpu-blocks-override N`` leaves ``N - 1`` usable blocks. The simulator's
+  :class:`~igw_sim.kvcache.KVCacheManager` does both, with ``kv_blocks = N``: every event of every step,
+  evictions included, equals the engine's.
 """
 
 from __future__ import annotations
@@ -40,14 +36,12 @@ from pathlib import Path
 from typing import Any
 
 import msgpack
-import pytest
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from igw_sim.config import EngineConfig
 from igw_sim.engine import Engine
 from igw_sim.hashing import BlockHasher, sha256_cbor, to_int
-from igw_sim.kvcache import Block, KVCacheManager
 from igw_sim.kvevents import AllBlocksCleared, BlockRemoved, BlockStored, KVEvent, encode_batch
 from igw_sim.metrics import build_registry
 from igw_sim.scheduler import EngineCore
@@ -239,32 +233,6 @@ def _common_prefix(a: tuple[int, ...], b: tuple[int, ...]) -> int:
     return n
 
 
-class VllmFreeOrderCache(KVCacheManager):
-    """K2 applied: one reserved null block, and freed blocks without a hash go to the front of the queue
-    (``vllm/v1/core/block_pool.py`` ``BlockPool.free_blocks`` in 0.32). Test-only."""
-
-    def __init__(self, *, num_blocks: int, block_size: int, enable_caching: bool = True) -> None:
-        super().__init__(num_blocks=num_blocks, block_size=block_size, enable_caching=enable_caching)
-        self._free.popitem(last=False)  # block 0 is vLLM's null block: never handed out
-
-    def free(self, request_id: str) -> None:
-        table = self._tables.pop(request_id, None)
-        self._num_cached_blocks.pop(request_id, None)
-        if table is None:
-            return
-        reuse_first: list[Block] = []
-        for block in reversed(table):
-            block.ref_cnt -= 1
-            if block.ref_cnt == 0:
-                if block.block_hash is None:
-                    reuse_first.append(block)
-                else:
-                    self._free[block.block_id] = None
-        for block in reversed(reuse_first):
-            self._free[block.block_id] = None
-            self._free.move_to_end(block.block_id, last=False)
-
-
 # -- the tests -------------------------------------------------------------------------------------------
 
 
@@ -306,10 +274,8 @@ def test_plain_block_hashes_recompute_from_the_prompt_ids() -> None:
 
 def test_stored_blocks_equal_vllm_before_and_during_evictions() -> None:
     """Same blocks stored in the same order with the same tokens, LoRA fields, extra keys and, for plain
-    requests, hashes (and so parents); what differs is K1's hashes and K2's order of evictions."""
-    problems = _compare(_replay(EngineCore(_config())))
-    assert [p for p in problems if p[0] in ("stored", "hash")] == []
-    assert {p[0] for p in problems} == {"removed"}
+    requests, hashes (and so parents); and, since K1 and K2 were fixed, everything else too."""
+    assert _compare(_replay(EngineCore(_config()))) == []
 
 
 def test_lora_and_cache_salt_hashes_are_vllms_tagged_extra_keys() -> None:
@@ -348,20 +314,11 @@ def test_simulator_hashes_lora_and_salted_blocks_like_vllm() -> None:
     assert [p for p in _compare(_replay(EngineCore(_config()))) if p[0] == "hash-K1"] == []
 
 
-@pytest.mark.xfail(reason="K2: vLLM reuses blocks without a hash first and reserves a null block", strict=True)
 def test_simulator_evicts_in_vllms_order() -> None:
-    # kv_blocks = N - 1 accounts for the null block; the remaining difference is the free-queue order
-    replayed = _replay(EngineCore(_config(kv_blocks=_fixture()["config"]["num_gpu_blocks"] - 1)))
+    """K2: with ``kv_blocks`` = the engine's ``--num-gpu-blocks-override`` (one of them the null block) and
+    blocks without a hash freed to the front, every eviction of every step is the engine's, in order."""
+    replayed = _replay(EngineCore(_config()))
     assert [p for p in _compare(replayed) if p[0] == "removed"] == []
-
-
-def test_vllm_free_order_and_null_block_explain_every_eviction() -> None:
-    """With K2's two rules (test-only cache subclass), every event of every step equals the engine's."""
-    cfg = _config()
-    core = EngineCore(cfg)
-    core.kv = VllmFreeOrderCache(num_blocks=cfg.kv_blocks, block_size=cfg.block_size)
-    replayed = _replay(core)
-    assert [p for p in _compare(replayed) if p[0] != "hash-K1"] == []
     removed = sum(1 for r in replayed for b in _flat_sim(r.events) if b.kind == "R")
     assert removed == sum(1 for s in _fixture()["steps"] for b in _flat_real(s["events"]) if b.kind == "R") > 60
 

@@ -10,7 +10,21 @@
 * :mod:`~igw_sim.replay.routers`: the ``Router`` and ``EngineView`` protocols and built-in policies;
 * :mod:`~igw_sim.replay.driver`: the discrete-event loop;
 * :mod:`~igw_sim.replay.results`: what is measured, and the comparison table.
+
+The hot modules may run compiled by mypyc (``tools/build_replay_ext.py``, see
+:mod:`~igw_sim.replay._compiled`): an up-to-date build is put in front of this package's ``__path__``
+here, before anything is imported; :func:`compiled` tells which variant is loaded.
 """
+
+# ruff: noqa: E402 (the compiled build must be on __path__ before the submodules are imported)
+
+import sys
+
+from igw_sim.replay import _compiled
+
+_ext = _compiled.ext_dir()
+if _ext is not None:
+    __path__.insert(0, str(_ext))
 
 from igw_sim.replay.driver import ReplayRun, run_replay
 from igw_sim.replay.exactengine import ExactEngine
@@ -33,6 +47,16 @@ __all__ = [
     "SimRequest",
     "Workload",
     "build_workload",
+    "compiled",
     "make_router",
     "run_replay",
 ]
+
+
+def compiled() -> bool:
+    """Whether the replay's hot modules are the mypyc-compiled C extensions (else pure Python)."""
+    for name in _compiled.HOT_MODULES:
+        path = getattr(sys.modules.get(f"{__name__}.{name}"), "__file__", None) or ".py"
+        if path.endswith(".py"):
+            return False
+    return True

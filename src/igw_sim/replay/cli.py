@@ -17,6 +17,7 @@ from typing import Any
 
 from igw_sim.config import EngineConfig
 from igw_sim.profiles import PRESETS
+from igw_sim.replay import compiled
 from igw_sim.replay.driver import run_replay
 from igw_sim.replay.results import PolicySummary
 from igw_sim.replay.routers import ROUTERS, make_router
@@ -131,7 +132,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     print(
         f"{workload.description}\n{args.engines} x {args.profile} engines ({config.max_num_seqs} seqs, "
-        f"{config.kv_blocks:,} KV blocks of {config.block_size}), {args.engine_model} model, "
+        f"{config.kv_blocks:,} KV blocks of {config.block_size}), {args.engine_model} model "
+        f"({'compiled' if compiled() else 'pure Python'}), "
         f"scrape every {args.scrape_interval_ms:g} ms, warm-up {args.warmup_s:g} s\n",
         flush=True,
     )

@@ -24,9 +24,10 @@ the number of tokens or of running sequences:
   :mod:`igw_sim.replay.requests`); the cache records, per node, how many of its blocks (a prefix of
   them) are cached, and how many running requests hold them. The free queue holds runs, not blocks:
   whole nodes nobody holds, and counts of *plain* blocks (never used, or a sequence's partial last
-  block). Freeing a request appends its partial block, then its nodes last-first, as vLLM appends a
-  block table in reverse; allocation takes from the front and trims the tail of a cached node, so a
-  prefix loses its tail first, as in vLLM.
+  block). Freeing a request puts its partial block at the front (vLLM 0.32 reuses blocks without a hash
+  first), then appends its nodes last-first, as vLLM appends the cached blocks of a block table in
+  reverse; allocation takes from the front and trims the tail of a cached node, so a prefix loses its
+  tail first, as in vLLM. One of ``kv_blocks`` is vLLM's null block: ``kv_blocks - 1`` are usable.
 
 Where it differs from :class:`~igw_sim.scheduler.EngineCore` (all of it is tested in
 ``tests/sim/test_sim_replay_agreement.py``):
@@ -177,7 +178,8 @@ class FastEngine:
         self.recorder = recorder if recorder is not None else Recorder(index + 1)
         self.profile = config.profile
         self.bs = config.block_size
-        self.num_blocks = config.kv_blocks
+        self.num_blocks = config.kv_blocks - 1
+        """Usable blocks: vLLM sets one of ``num_gpu_blocks`` aside as its null block."""
         self.caching = config.enable_prefix_caching
         p = self.profile
         self._kv_s_per_token = p.ms_per_kv_ktoken / 1e6
@@ -188,7 +190,7 @@ class FastEngine:
         """The free queue, front first: cached nodes (by node id) and runs of plain blocks (keys >= 2**64)."""
         self.plain: dict[int, int] = {}
         self._plain_key = 1 << 64
-        self._free_plain(config.kv_blocks)
+        self._free_plain(self.num_blocks)
         # scheduler
         self.predictions = predictions
         """Keep the queued uncached tokens up to date, for :meth:`predicted_ttft` (costs a lookup per request)."""
@@ -497,25 +499,29 @@ class FastEngine:
             del lru[key]
             del states[key]
 
-    def _free_plain(self, k: int) -> None:
-        """Append ``k`` blocks that hold no cached content to the free queue."""
+    def _free_plain(self, k: int, front: bool = False) -> None:
+        """Put ``k`` blocks that hold no cached content in the free queue: at the back, or at the ``front``
+        (to be reused first: vLLM 0.32's ``BlockPool.free_blocks`` does that with blocks without a hash)."""
         if k <= 0:
             return
         self.free += k
         lru = self.lru
         if lru:
-            last = next(reversed(lru))
-            if last in self.plain:
-                self.plain[last] += k
+            end = next(iter(lru)) if front else next(reversed(lru))
+            if end in self.plain:
+                self.plain[end] += k
                 return
         key = self._plain_key
         self._plain_key += 1
         self.plain[key] = k
         lru[key] = None
+        if front:
+            lru.move_to_end(key, last=False)
 
     def _release(self, r: _Req) -> None:
         """Give back ``r``'s blocks, last first; cached ones stay cached until evicted."""
-        self._free_plain(r.partial + r.dup)
+        self._free_plain(r.partial, front=True)
+        self._free_plain(r.dup)
         r.partial = r.dup = 0
         states = self.nodes
         lru = self.lru
@@ -530,7 +536,7 @@ class FastEngine:
                     lru[node] = None
                     self.free += st.n
                 else:
-                    self._free_plain(st.n)
+                    self._free_plain(st.n, front=True)  # caching is off: no block has a hash
                     del states[node]
         r.nref = 0
         r.alloc = 0
@@ -594,7 +600,8 @@ class FastEngine:
             self.hist[r.res] -= 1
             r.generated += steps
             r.computed = c
-            plain = (1 if c % bs else 0) + r.dup
+            partial = 1 if c % bs else 0
+            plain = r.dup
             if r.out:
                 st = states[r.nodes[-1]]
                 own = min(c // bs, r.hi[-1]) - r.lo[-1]
@@ -606,10 +613,14 @@ class FastEngine:
                 # while it was generated) are private copies.
                 plain += max(own, 0) - r.base - r.absorbed
         else:
-            plain = r.partial + r.dup
+            partial = r.partial
+            plain = r.dup
         r.state = _DONE
         del self.running[r]
-        # _release: its partial block and copies, then its nodes last first; cached ones stay cached.
+        # _release: its partial block (to the front) and copies, then its nodes last first; cached ones
+        # stay cached.
+        if partial:
+            self._free_plain(1, front=True)
         if plain > 0:
             self._free_plain(plain)
         r.partial = r.dup = 0
@@ -625,7 +636,7 @@ class FastEngine:
                     lru[node] = None
                     self.free += st.n
                 else:
-                    self._free_plain(st.n)
+                    self._free_plain(st.n, front=True)  # caching is off: no block has a hash
                     del states[node]
         r.nref = 0
         r.alloc = 0
@@ -860,11 +871,15 @@ class FastEngine:
             self._next = None
             return
         prefill = 0
+        resumed = 0
         ctx = self.ctx
         for r, num_new in sched:
-            prefill += num_new
+            if num_new == 1 and r.generated and r.computed == r.num_tokens - 1:
+                resumed += 1  # a preempted decoder whose whole context hit: a decode seq (as EngineCore counts it)
+            else:
+                prefill += num_new
             ctx += r.computed
-        ms = self.profile.step_ms(prefill_tokens=prefill, decode_seqs=n, context_tokens=ctx)
+        ms = self.profile.step_ms(prefill_tokens=prefill, decode_seqs=n + resumed, context_tokens=ctx)
         if loras:
             ms += self._load_loras(loras) * cfg.lora_load_ms
         self._sched = sched
