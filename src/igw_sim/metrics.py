@@ -46,6 +46,29 @@ MAX_LORA_SERIES = 64
 """``vllm:lora_requests_info`` label sets remembered (oldest dropped first)."""
 
 
+ROUTING_FAMILIES = (
+    "vllm:num_requests_running",
+    "vllm:num_requests_waiting",
+    "vllm:num_requests_waiting_by_reason",
+    "vllm:kv_cache_usage_perc",
+    "vllm:cache_config_info",
+    "vllm:prefix_cache_queries",
+    "vllm:prefix_cache_hits",
+    "vllm:lora_requests_info",
+    "vllm:num_preemptions",
+    "vllm:prompt_tokens",
+    "vllm:generation_tokens",
+    "vllm:request_success",
+    "vllm:time_to_first_token_seconds",
+    "vllm:inter_token_latency_seconds",
+    "vllm:e2e_request_latency_seconds",
+    "vllm:request_queue_time_seconds",
+    "vllm:request_prefill_time_seconds",
+)
+"""The vLLM metric families gateways and routers read (or that describe what they do): the simulator
+exports them with vLLM 0.32's types, labels and buckets (checked against a real engine)."""
+
+
 class EngineCollector(Collector):
     """Yields the engine's gauges, counters and histograms; cheap (O(running + waiting requests))."""
 

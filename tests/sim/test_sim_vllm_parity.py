@@ -43,7 +43,7 @@ from igw_sim.config import EngineConfig
 from igw_sim.engine import Engine
 from igw_sim.hashing import BlockHasher, sha256_cbor, to_int
 from igw_sim.kvevents import AllBlocksCleared, BlockRemoved, BlockStored, KVEvent, encode_batch
-from igw_sim.metrics import build_registry
+from igw_sim.metrics import ROUTING_FAMILIES, build_registry
 from igw_sim.scheduler import EngineCore
 
 DATA = Path(__file__).parent / "data" / "vllm-0.32-cpu"
@@ -365,26 +365,6 @@ def test_encode_batch_is_byte_identical_to_vllms_payloads() -> None:
 
 
 # -- metrics ---------------------------------------------------------------------------------------------
-
-ROUTING_FAMILIES = (
-    "vllm:num_requests_running",
-    "vllm:num_requests_waiting",
-    "vllm:num_requests_waiting_by_reason",
-    "vllm:kv_cache_usage_perc",
-    "vllm:cache_config_info",
-    "vllm:prefix_cache_queries",
-    "vllm:prefix_cache_hits",
-    "vllm:lora_requests_info",
-    "vllm:num_preemptions",
-    "vllm:prompt_tokens",
-    "vllm:generation_tokens",
-    "vllm:request_success",
-    "vllm:time_to_first_token_seconds",
-    "vllm:inter_token_latency_seconds",
-    "vllm:e2e_request_latency_seconds",
-    "vllm:request_queue_time_seconds",
-    "vllm:request_prefill_time_seconds",
-)
 
 
 def _families(text: str) -> dict[str, Any]:

@@ -66,6 +66,7 @@ from igw_sim.fleet import SimFleet  # noqa: E402
 from igw_sim.hashing import BlockHasher, to_int  # noqa: E402
 from igw_sim.kvevents import AllBlocksCleared, BlockRemoved, BlockStored, KVEvent, encode_batch  # noqa: E402
 from igw_sim.kvpublisher import KVEventsConfig  # noqa: E402
+from igw_sim.metrics import ROUTING_FAMILIES  # noqa: E402
 
 MODEL = "tiny"
 LORA = "lora-a"
@@ -178,25 +179,6 @@ class Subscriber:
 
 # -- metrics ---------------------------------------------------------------------------------------------
 
-ROUTING_FAMILIES = (
-    "vllm:num_requests_running",
-    "vllm:num_requests_waiting",
-    "vllm:num_requests_waiting_by_reason",
-    "vllm:kv_cache_usage_perc",
-    "vllm:cache_config_info",
-    "vllm:prefix_cache_queries",
-    "vllm:prefix_cache_hits",
-    "vllm:lora_requests_info",
-    "vllm:num_preemptions",
-    "vllm:prompt_tokens",
-    "vllm:generation_tokens",
-    "vllm:request_success",
-    "vllm:time_to_first_token_seconds",
-    "vllm:inter_token_latency_seconds",
-    "vllm:e2e_request_latency_seconds",
-    "vllm:request_queue_time_seconds",
-    "vllm:request_prefill_time_seconds",
-)
 
 CACHE_CONFIG_COMPARED = (
     "block_size",
