@@ -181,6 +181,12 @@ class FastEngine:
         self.num_blocks = config.kv_blocks - 1
         """Usable blocks: vLLM sets one of ``num_gpu_blocks`` aside as its null block."""
         self.caching = config.enable_prefix_caching
+        # The limits read per request and per step, as native ints (``config`` is a Python object: every
+        # attribute read from compiled code is a generic lookup).
+        self.max_num_seqs = config.max_num_seqs
+        self.max_num_batched_tokens = config.max_num_batched_tokens
+        self.max_model_len = config.max_model_len
+        self.max_waiting = config.max_waiting
         p = self.profile
         self._kv_s_per_token = p.ms_per_kv_ktoken / 1e6
         # cache
@@ -312,14 +318,13 @@ class FastEngine:
 
     def submit(self, request: SimRequest, now: float) -> None:
         """A request arrives at ``now``. Raises :class:`RejectedError` like vLLM's admission checks."""
-        cfg = self.config
         total = request.prompt_tokens + request.output_tokens
-        if total > cfg.max_model_len:
-            raise RejectedError(400, f"prompt + max_tokens = {total} exceeds max_model_len {cfg.max_model_len}")
+        if total > self.max_model_len:
+            raise RejectedError(400, f"prompt + max_tokens = {total} exceeds max_model_len {self.max_model_len}")
         if -(-total // self.bs) > self.num_blocks:
             raise RejectedError(400, f"the request needs {total} tokens of KV cache")
         self.advance(now)
-        if len(self.running) >= cfg.max_num_seqs and len(self.waiting) >= cfg.max_waiting:
+        if len(self.running) >= self.max_num_seqs and len(self.waiting) >= self.max_waiting:
             raise RejectedError(429, "waiting queue is full")
         r = _Req(request, self.bs, self.caching)
         if request.lora is not None:
@@ -661,14 +666,14 @@ class FastEngine:
 
     def _stable(self) -> bool:
         """No waiting request can be admitted until a request finishes (so the batch stays as it is)."""
-        if not self.waiting or len(self.running) >= self.config.max_num_seqs:
+        if not self.waiting or len(self.running) >= self.max_num_seqs:
             return True
         if self.lora_mode:
             return False  # the max_loras rule may skip the head and admit one behind it: plan every step
         head = self.waiting[0]
         blocks, dup = self._lookup(head)
         hit = blocks * self.bs
-        total = hit + min(head.num_tokens - hit, self.config.max_num_batched_tokens - self.n_dec)
+        total = hit + min(head.num_tokens - hit, self.max_num_batched_tokens - self.n_dec)
         need = self._need(head, total)
         # _plan, called next when this is False, reuses the lookup unless its decoders evict something.
         self._head_hit = (head, blocks, dup, self.evicted_blocks, total, need)
@@ -783,7 +788,7 @@ class FastEngine:
         """Schedule one step at ``now`` (vLLM's ``schedule``): running requests, then waiting ones."""
         cfg = self.config
         bs = self.bs
-        budget = cfg.max_num_batched_tokens - self.n_dec
+        budget = self.max_num_batched_tokens - self.n_dec
         head_hit = self._head_hit
         self._head_hit = None
         dec_need = self.hist[(-self.K) % bs] if self.n_dec else 0
@@ -806,7 +811,7 @@ class FastEngine:
                 if victim.res == (-self.K) % bs:
                     dec_need -= 1
                 self._preempt(victim)
-            budget = cfg.max_num_batched_tokens - self.n_dec
+            budget = self.max_num_batched_tokens - self.n_dec
             preempted = True
         if dec_need:
             self._take(dec_need)
@@ -823,7 +828,8 @@ class FastEngine:
             waiting = self.waiting
             running = self.running
             skipped: list[_Req] = []
-            while waiting and budget > 0 and len(running) < cfg.max_num_seqs:
+            max_seqs = self.max_num_seqs
+            while waiting and budget > 0 and len(running) < max_seqs:
                 r = waiting[0]
                 lora = r.sim.lora
                 if loras is not None and lora is not None and lora not in loras and len(loras) >= cfg.max_loras:

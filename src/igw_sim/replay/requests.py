@@ -20,11 +20,10 @@ owns blocks ``ends[i-1] // bs`` to ``ends[i] // bs - 1`` (see :func:`owned_block
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 
 import xxhash
 
-__all__ = ["Segment", "SimRequest", "chunk_runs", "node_id", "owned_blocks"]
+__all__ = ["Segment", "SimRequest", "chunk_runs", "node_id", "owned_blocks", "prefix_nodes"]
 
 Segment = tuple[str, int]
 """``(key, length in tokens)``: one named run of prompt tokens."""
@@ -38,16 +37,33 @@ def node_id(parent: int, key: str, length: int) -> int:
 
     A key names one token sequence of one length: the same key with another length is another node.
     """
-    return int(xxhash.xxh3_64_intdigest(key, seed=(parent ^ (length * 0x9E3779B97F4A7C15)) & _MASK))
+    return int(xxhash.xxh3_64_intdigest(key, (parent ^ (length * 0x9E3779B97F4A7C15)) & _MASK))
 
 
 def _root(lora: str | None) -> int:
     return 0 if lora is None else node_id(0, "\x00lora:" + lora, 0)
 
 
-@dataclass(slots=True, eq=False)
+def prefix_nodes(segments: Sequence[Segment], lora: str | None = None) -> tuple[int, ...]:
+    """The trie nodes of a prompt's first segments (pass them to :class:`SimRequest` as ``prefix_nodes``)."""
+    nodes: list[int] = []
+    parent = _root(lora)
+    for key, length in segments:
+        parent = node_id(parent, key, length)
+        nodes.append(parent)
+    return tuple(nodes)
+
+
 class SimRequest:
-    """One request of a workload (plain data: routers read it, engines never change it)."""
+    """One request of a workload (plain data: routers read it, engines never change it).
+
+    ``prefix_nodes``, when given, are the trie nodes of the first ``len(prefix_nodes)`` segments, as
+    :func:`prefix_nodes` computes them once for a prefix shared by many requests (a generator's system
+    prompt): they are trusted, not recomputed. Without it every node is hashed here.
+    """
+
+    __slots__ = ("arrival", "ends", "lora", "nodes", "output_key", "output_tokens", "prompt_tokens", "request_id",
+                 "segments")  # fmt: skip
 
     request_id: int
     """Unique within a replay (the workload's order)."""
@@ -57,38 +73,64 @@ class SimRequest:
     """The prompt, as named runs of tokens."""
     output_tokens: int
     """Tokens to generate (there is no EOS: every request generates exactly this many)."""
-    lora: str | None = None
+    lora: str | None
     """LoRA adapter name, or ``None`` for the base model."""
-    output_key: str | None = None
+    output_key: str | None
     """Key under which a later prompt can quote this request's answer (``None``: nobody will)."""
-    prompt_tokens: int = field(init=False)
-    nodes: tuple[int, ...] = field(init=False)
+    prompt_tokens: int
+    nodes: tuple[int, ...]
     """Trie node of every segment, then of the output."""
-    ends: tuple[int, ...] = field(init=False)
+    ends: tuple[int, ...]
     """Cumulative end token of every node (the last one is ``prompt_tokens + output_tokens``)."""
 
-    def __post_init__(self) -> None:
-        if self.output_tokens < 1:
+    def __init__(
+        self,
+        request_id: int,
+        arrival: float,
+        segments: tuple[Segment, ...],
+        output_tokens: int,
+        lora: str | None = None,
+        output_key: str | None = None,
+        *,
+        prefix_nodes: tuple[int, ...] = (),
+    ) -> None:
+        self.request_id = request_id
+        self.arrival = arrival
+        self.segments = segments
+        self.output_tokens = output_tokens
+        self.lora = lora
+        self.output_key = output_key
+        if output_tokens < 1:
             raise ValueError("output_tokens must be >= 1")
-        nodes: list[int] = []
+        if len(prefix_nodes) > len(segments):
+            raise ValueError("more prefix nodes than segments")
+        nodes: list[int] = list(prefix_nodes)
         ends: list[int] = []
-        parent = _root(self.lora)
+        parent = nodes[-1] if nodes else _root(lora)
         end = 0
-        for key, length in self.segments:
+        known = len(nodes)
+        for i, (key, length) in enumerate(segments):
             if length < 1:
                 raise ValueError(f"segment {key!r} must have a length >= 1")
-            parent = node_id(parent, key, length)
             end += length
-            nodes.append(parent)
             ends.append(end)
+            if i >= known:
+                parent = node_id(parent, key, length)
+                nodes.append(parent)
         if not nodes:
             raise ValueError("a prompt needs at least one segment")
-        out_key = self.output_key if self.output_key is not None else f"\x00out:{self.request_id}"
-        nodes.append(node_id(parent, out_key, self.output_tokens))
-        ends.append(end + self.output_tokens)
+        out_key = output_key if output_key is not None else f"\x00out:{request_id}"
+        nodes.append(node_id(parent, out_key, output_tokens))
+        ends.append(end + output_tokens)
         self.prompt_tokens = end
         self.nodes = tuple(nodes)
         self.ends = tuple(ends)
+
+    def __repr__(self) -> str:
+        return (
+            f"SimRequest(request_id={self.request_id!r}, arrival={self.arrival!r}, segments={self.segments!r}, "
+            f"output_tokens={self.output_tokens!r}, lora={self.lora!r}, output_key={self.output_key!r})"
+        )
 
     @property
     def prompt_nodes(self) -> tuple[int, ...]:

@@ -185,11 +185,20 @@ class LeastQueueRouter(_Base):
         else:
             v = engines[self._last]
             loads[self._last] = v.waiting + v.running + v.dispatched
-        best = min(loads)
-        if loads.count(best) == 1:
-            choice = loads.index(best)
-        else:
-            choice = self.rng.choice([i for i, load in enumerate(loads) if load == best])
+        # One pass (compiled: unboxed): the first smallest load and how many engines have it.
+        choice = 0
+        low = loads[0]
+        ties = 1
+        for i in range(1, len(loads)):
+            load = loads[i]
+            if load < low:
+                low = load
+                choice = i
+                ties = 1
+            elif load == low:
+                ties += 1
+        if ties > 1:
+            choice = self.rng.choice([i for i, load in enumerate(loads) if load == low])
         self._last = choice
         return choice
 
@@ -327,10 +336,19 @@ class PrefixLoadRouter(_Base):
             prefix = wp / total
             for i, m in matched.items():
                 scores[i] += prefix * m
-        best = max(scores)
-        if scores.count(best) == 1:
-            choice = scores.index(best)
-        else:
+        # One pass (compiled: unboxed): the first highest score and how many engines have it.
+        choice = 0
+        best = scores[0]
+        ties = 1
+        for i in range(1, len(scores)):
+            score = scores[i]
+            if score > best:
+                best = score
+                choice = i
+                ties = 1
+            elif score == best:
+                ties += 1
+        if ties > 1:
             choice = self.rng.choice([i for i, score in enumerate(scores) if score == best])
         index.insert(choice, runs)
         self._last = choice

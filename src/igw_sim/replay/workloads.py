@@ -44,7 +44,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from igw_sim.replay.requests import SimRequest
+from igw_sim.replay.requests import Segment, SimRequest, prefix_nodes
 
 __all__ = ["GENERATORS", "Workload", "build_workload", "load_jsonl", "parse_spec", "save_jsonl"]
 
@@ -130,10 +130,17 @@ def _w1(params: dict[str, float], cluster_kv_tokens: int | None) -> Workload:
     fill = f", {resident / cluster_kv_tokens:.0%} of the cluster KV" if cluster_kv_tokens else ""
 
     def gen() -> Iterator[SimRequest]:
+        # Each whole prompt recurs: its segments and nodes are built once (the same values as built anew).
+        made: dict[int, tuple[tuple[Segment, ...], tuple[int, ...]]] = {}
         for n, t, rng in _arrivals(p):
             g = rng.randrange(groups)
             q = rng.randrange(prompts)
-            yield SimRequest(n, t, ((f"w1/s{g}", system), (f"w1/q{g}.{q}", question)), output)
+            k = g * prompts + q
+            known = made.get(k)
+            if known is None:
+                segments = ((f"w1/s{g}", system), (f"w1/q{g}.{q}", question))
+                known = made[k] = (segments, prefix_nodes(segments))
+            yield SimRequest(n, t, known[0], output, prefix_nodes=known[1])
 
     return Workload(
         f"w1: {groups} groups x {prompts} prompts, system {system}, question {question}, output {output}; "
@@ -147,9 +154,12 @@ def _w4(params: dict[str, float], cluster_kv_tokens: int | None) -> Workload:
     groups, system, question, output = p.i("groups"), p.i("system"), p.i("question"), p.i("output")
 
     def gen() -> Iterator[SimRequest]:
+        # The system prompts' segments and nodes are built once (the same values as built anew).
+        shared = [(f"w4/s{g}", system) for g in range(groups)]
+        nodes = [prefix_nodes((seg,)) for seg in shared]
         for n, t, rng in _arrivals(p):
             g = rng.randrange(groups)
-            yield SimRequest(n, t, ((f"w4/s{g}", system), (f"w4/q{n}", question)), output)
+            yield SimRequest(n, t, (shared[g], (f"w4/q{n}", question)), output, prefix_nodes=nodes[g])
 
     return Workload(
         f"w4: {groups} groups, system {system}, unique question {question}, output {output}; "
@@ -194,9 +204,13 @@ def _w6(params: dict[str, float], cluster_kv_tokens: int | None) -> Workload:
         cum.append(total)
 
     def gen() -> Iterator[SimRequest]:
+        # Each adapter's name, system prompt segment and node are built once (the same values as built anew).
+        names = [f"lora-{a}" for a in range(adapters)]
+        shared = [(f"w6/s{a}", system) for a in range(adapters)]
+        nodes = [prefix_nodes((shared[a],), names[a]) for a in range(adapters)]
         for n, t, rng in _arrivals(p):
             a = min(bisect.bisect_left(cum, rng.random() * total), adapters - 1)
-            yield SimRequest(n, t, ((f"w6/s{a}", system), (f"w6/q{n}", question)), output, lora=f"lora-{a}")
+            yield SimRequest(n, t, (shared[a], (f"w6/q{n}", question)), output, lora=names[a], prefix_nodes=nodes[a])
 
     return Workload(
         f"w6: {adapters} LoRA adapters (Zipf {zipf:g}), system {system} per adapter, unique question {question}, "
