@@ -183,6 +183,14 @@ def test_policies_that_keep_scores_between_scrapes_decide_as_if_recomputing_them
             views[choice].dispatched += 1
 
 
+def test_tie_breaks_draw_exactly_what_random_choice_draws() -> None:
+    """Policies pick the k-th tied engine with ``_below`` (no list of ties, no Python frames): the same
+    draws, from the same stream, as ``rng.choice`` of the tied indices."""
+    router, rng = make_router("least-queue", 11), random.Random(11)
+    for n in itertools.islice(itertools.cycle([1, 2, 3, 5, 7, 8, 9, 63, 64, 65, 1000]), 2000):
+        assert router._below(n) == rng.choice(range(n)), n  # type: ignore[attr-defined]
+
+
 def test_cache_aware_follows_matches_above_the_threshold_and_balances_when_imbalanced() -> None:
     router = CacheAwareRouter(seed=0, balance_abs_threshold=2, balance_rel_threshold=1.5)
     views = _views(3)

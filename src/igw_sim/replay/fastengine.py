@@ -189,6 +189,13 @@ class FastEngine:
         self.max_waiting = config.max_waiting
         p = self.profile
         self._kv_s_per_token = p.ms_per_kv_ktoken / 1e6
+        # ``step_ms``'s constants as native floats (see :meth:`_step_ms`).
+        self._overhead_ms = p.step_overhead_ms
+        self._weights_ms = p.weights_ms
+        self._ms_per_token = p.ms_per_token
+        self._ms_per_decode_seq = p.ms_per_decode_seq
+        self._ms_per_kv_ktoken = p.ms_per_kv_ktoken
+        self._prefill_overhead_ms = p.prefill_overhead_ms
         # cache
         self.free = 0
         self.nodes: dict[int, _Node] = {}
@@ -885,7 +892,7 @@ class FastEngine:
             else:
                 prefill += num_new
             ctx += r.computed
-        ms = self.profile.step_ms(prefill_tokens=prefill, decode_seqs=n + resumed, context_tokens=ctx)
+        ms = self._step_ms(prefill, n + resumed, ctx)
         if loras:
             ms += self._load_loras(loras) * cfg.lora_load_ms
         self._sched = sched
@@ -893,6 +900,16 @@ class FastEngine:
         self._inflight = True
         self._start = now
         self._end = now + ms / 1000.0
+
+    def _step_ms(self, prefill_tokens: int, decode_seqs: int, context_tokens: int) -> float:
+        """``LatencyProfile.step_ms`` with the same operations in the same order (the same floats), native."""
+        compute = (prefill_tokens + decode_seqs) * self._ms_per_token
+        weights = self._weights_ms
+        ms = self._overhead_ms + (compute if compute > weights else weights)
+        ms += decode_seqs * self._ms_per_decode_seq + context_tokens * self._ms_per_kv_ktoken / 1000.0
+        if prefill_tokens:
+            ms += self._prefill_overhead_ms
+        return ms
 
     def _load_loras(self, needed: set[str]) -> int:
         """Load the step's adapters into slots, least recently used evicted first (``EngineCore._load_loras``);

@@ -140,6 +140,16 @@ class _Base:
         ties = [i for i, v in enumerate(values) if v == best]
         return ties[0] if len(ties) == 1 else self.rng.choice(ties)
 
+    def _below(self, n: int) -> int:
+        """``self.rng.choice(range(n))``, drawn exactly as ``Random.choice`` draws its index (its
+        ``_randbelow``: rejection sampling on ``getrandbits``), without its Python-level frames."""
+        getrandbits = self.rng.getrandbits
+        k = n.bit_length()
+        r = getrandbits(k)
+        while r >= n:
+            r = getrandbits(k)
+        return r
+
 
 class RandomRouter(_Base):
     name = "random"
@@ -169,38 +179,84 @@ class LeastQueueRouter(_Base):
     def __init__(self, seed: int = 0) -> None:
         super().__init__(seed)
         # The loads as of the last scrape, kept up to date: between two scrapes only ``dispatched`` moves,
-        # and only on the engines this policy chose, so only the last choice is read again.
+        # and only on the engines this policy chose, so only the last choice is read again. ``_low`` is the
+        # smallest load and ``_nlow`` how many engines have it, kept with them.
         self._scraped_at = -math.inf
         self._loads: list[int] = []
+        self._low = 0
+        self._nlow = 0
         self._last = -1
         self._views: Sequence[EngineView] | None = None
 
     def route(self, request: SimRequest, engines: Sequence[EngineView]) -> int:
         loads = self._loads
         at = engines[0].scraped_at
+        low = self._low
+        nlow = self._nlow
         if at != self._scraped_at or engines is not self._views:
             self._scraped_at = at
             self._views = engines
             loads = self._loads = [v.waiting + v.running + v.dispatched for v in engines]
+            nlow = 0
         else:
-            v = engines[self._last]
-            loads[self._last] = v.waiting + v.running + v.dispatched
-        # One pass (compiled: unboxed): the first smallest load and how many engines have it.
+            last = self._last
+            v = engines[last]
+            load = v.waiting + v.running + v.dispatched
+            old = loads[last]
+            if load != old:
+                loads[last] = load
+                if load < low:
+                    low = load
+                    nlow = 1
+                elif load == low:
+                    nlow += 1
+                elif old == low:
+                    nlow -= 1  # 0: rescanned below
+        if nlow == 0:
+            # One pass (compiled: unboxed): the smallest load and how many engines have it.
+            low = loads[0]
+            nlow = 1
+            for i in range(1, len(loads)):
+                load = loads[i]
+                if load < low:
+                    low = load
+                    nlow = 1
+                elif load == low:
+                    nlow += 1
+        self._low = low
+        self._nlow = nlow
+        # The first engine with the smallest load, or (ties at random, drawn as ``rng.choice`` of the tied
+        # indices would) the k-th.
+        k = self._below(nlow) if nlow > 1 else 0
         choice = 0
-        low = loads[0]
-        ties = 1
-        for i in range(1, len(loads)):
-            load = loads[i]
-            if load < low:
-                low = load
-                choice = i
-                ties = 1
-            elif load == low:
-                ties += 1
-        if ties > 1:
-            choice = self.rng.choice([i for i, load in enumerate(loads) if load == low])
+        for i in range(len(loads)):
+            if loads[i] == low:
+                if k == 0:
+                    choice = i
+                    break
+                k -= 1
         self._last = choice
         return choice
+
+
+def _min_of(values: list[int]) -> int:
+    """``min(values)`` of a non-empty list (compiled: a native loop, no generic comparisons)."""
+    low = values[0]
+    for i in range(1, len(values)):
+        v = values[i]
+        if v < low:
+            low = v
+    return low
+
+
+def _max_of(values: list[int]) -> int:
+    """``max(values)`` of a non-empty list (compiled: a native loop, no generic comparisons)."""
+    high = values[0]
+    for i in range(1, len(values)):
+        v = values[i]
+        if v > high:
+            high = v
+    return high
 
 
 class _ChunkIndex:
@@ -215,19 +271,27 @@ class _ChunkIndex:
     def match(self, runs: list[tuple[int, int]]) -> dict[int, int]:
         """Chunks matched from the start of the prompt, per engine that matches at least one."""
         matched: dict[int, int] = {}
-        alive: list[int] | None = None
+        alive: list[int] = []
+        first = True
         holders = self.holders
         for node, count in runs:
             have = holders.get(node)
             if not have:
                 break
             nxt: list[int] = []
-            for e in have if alive is None else alive:
-                got = have.get(e, 0)
-                if got:
-                    matched[e] = matched.get(e, 0) + min(got, count)
+            if first:  # every holder of the first run matches (counts are >= 1)
+                first = False
+                for e, got in have.items():
+                    matched[e] = got if got < count else count
                     if got >= count:
                         nxt.append(e)
+            else:  # only the engines that held every earlier run whole go on
+                for e in alive:
+                    got = have.get(e, 0)
+                    if got:
+                        matched[e] += got if got < count else count
+                        if got >= count:
+                            nxt.append(e)
             if not nxt:
                 break
             alive = nxt
@@ -241,7 +305,11 @@ class _ChunkIndex:
             if old is None:
                 lru[node] = count
                 self.size[engine] += count
-                holders.setdefault(node, {})[engine] = count
+                have = holders.get(node)
+                if have is None:
+                    holders[node] = {engine: count}
+                else:
+                    have[engine] = count
             else:
                 if count > old:
                     lru[node] = count
@@ -280,76 +348,143 @@ class PrefixLoadRouter(_Base):
         self._index: _ChunkIndex | None = None
         # Per scrape: the kv term of every engine and the queues, which only ``dispatched`` changes until
         # the next scrape, and only on the engines this policy chose (the last choice is read back from its
-        # view, not counted here, so rejected requests do not count); the queue and kv part of the scores,
-        # which changes only where the queue did while the queues' min and max stay.
+        # view, not counted here, so rejected requests do not count); the queues' min and max, kept with
+        # them; and the queue and kv part of the scores (``_base``, for the range ``_bmin``..``_bmax``).
         self._scraped_at = -math.inf
         self._kv_terms: list[float] = []
         self._queues: list[int] = []
+        self._qmin = 0
+        self._qmax = 0
         self._last = -1
         self._base: list[float] | None = None
-        self._base_range = (0, 0)
+        self._bmin = 0
+        self._bmax = 0
         self._views: Sequence[EngineView] | None = None
 
     def route(self, request: SimRequest, engines: Sequence[EngineView]) -> int:
         index = self._index
+        n = len(engines)
         if index is None:
-            index = self._index = _ChunkIndex(len(engines), self.lru_capacity)
+            index = self._index = _ChunkIndex(n, self.lru_capacity)
         runs = chunk_runs(request, self.chunk_tokens, partial=True, max_chunks=self.max_chunks)
-        total = sum(count for _, count in runs)
+        total = 0
+        for _, count in runs:
+            total += count
         matched = index.match(runs)
         wq, wkv, wp = self.weights
         at = engines[0].scraped_at
         queues = self._queues
-        base = self._base
+        qmin = self._qmin
+        qmax = self._qmax
+        moved = False
         if at != self._scraped_at or engines is not self._views:
             self._scraped_at = at
             self._views = engines
             self._kv_terms = [wkv * (1.0 - v.kv_usage) for v in engines]
             queues = self._queues = [v.waiting + v.dispatched for v in engines]
-            base = None
+            qmin = _min_of(queues)
+            qmax = _max_of(queues)
+            self._base = None
         else:
             last = self._last
             v = engines[last]
             q = v.waiting + v.dispatched
-            if q != queues[last]:
+            old = queues[last]
+            if q != old:
+                moved = True
                 queues[last] = q
-                if base is not None:
-                    if self._base_range != (min(queues), max(queues)):
-                        base = None
-                    else:  # the same expression as below, for the one engine whose queue moved
-                        qmin, qmax = self._base_range
-                        kv = self._kv_terms[last]
-                        base[last] = wq + kv if qmax == qmin else wq / (qmax - qmin) * (qmax - q) + kv
-        if base is None:
-            kv_terms = self._kv_terms
-            qmin = min(queues)
-            qmax = max(queues)
-            if qmax == qmin:
-                base = [wq + kv for kv in kv_terms]
-            else:
-                qs = wq / (qmax - qmin)
-                base = [qs * (qmax - q) + kv for q, kv in zip(queues, kv_terms, strict=True)]
-            self._base = base
-            self._base_range = (qmin, qmax)
-        scores = base.copy()
-        if total:
-            prefix = wp / total
-            for i, m in matched.items():
-                scores[i] += prefix * m
-        # One pass (compiled: unboxed): the first highest score and how many engines have it.
+                if q > qmax:
+                    qmax = q
+                elif old == qmax:
+                    qmax = _max_of(queues)
+                if q < qmin:
+                    qmin = q
+                elif old == qmin:
+                    qmin = _min_of(queues)
+        self._qmin = qmin
+        self._qmax = qmax
+        kv_terms = self._kv_terms
+        # The queue and kv part of every score, kept until a scrape or until the queues' min or max moves;
+        # in between only the last choice's entry changes. Always ``wq + kv`` when all queues are equal,
+        # else ``wq / (qmax - qmin) * (qmax - queue) + kv``, computed in this order.
+        flat = qmax == qmin
+        qs = 0.0 if flat else wq / (qmax - qmin)
+        base = self._base
+        if base is None or qmin != self._bmin or qmax != self._bmax:
+            base = self._base = [(wq if flat else qs * (qmax - queues[i])) + kv_terms[i] for i in range(n)]
+            self._bmin = qmin
+            self._bmax = qmax
+        elif moved:
+            last = self._last
+            base[last] = (wq if flat else qs * (qmax - queues[last])) + kv_terms[last]
+        # One pass over the base (compiled: unboxed): the first highest and how many engines have it.
         choice = 0
-        best = scores[0]
+        best = base[0]
         ties = 1
-        for i in range(1, len(scores)):
-            score = scores[i]
+        for i in range(1, n):
+            score = base[i]
             if score > best:
                 best = score
                 choice = i
                 ties = 1
             elif score == best:
                 ties += 1
-        if ties > 1:
-            choice = self.rng.choice([i for i, score in enumerate(scores) if score == best])
+        # The engines with a prefix match score ``base + prefix x matched`` (every term > 0 in the usual
+        # case, checked): those beat their own base, so the best is theirs, or the base's best (whose
+        # engines then matched nothing), or both tie.
+        prefix = wp / total if total else 0.0
+        exact = True
+        if matched:
+            mbest = -math.inf
+            mties = 0
+            mfirst = n
+            for i, m in matched.items():
+                b = base[i]
+                score = b + prefix * m
+                if not score > b:
+                    exact = False
+                    break
+                if score > mbest:
+                    mbest = score
+                    mties = 1
+                    mfirst = i
+                elif score == mbest:
+                    mties += 1
+                    if i < mfirst:
+                        mfirst = i
+            if mbest > best:
+                best = mbest
+                ties = mties
+                choice = mfirst
+            elif mbest == best:
+                ties += mties
+                if mfirst < choice:
+                    choice = mfirst
+        if ties > 1 or not exact:
+            # Every score, as the scan above would see it; ties at random, drawn as ``rng.choice`` of the
+            # tied indices would: the k-th of them.
+            scores = base.copy()
+            for i, m in matched.items():
+                scores[i] += prefix * m
+            choice = 0
+            best = scores[0]
+            ties = 1
+            for i in range(1, n):
+                score = scores[i]
+                if score > best:
+                    best = score
+                    choice = i
+                    ties = 1
+                elif score == best:
+                    ties += 1
+            if ties > 1:
+                k = self._below(ties)
+                for i in range(n):
+                    if scores[i] == best:
+                        if k == 0:
+                            choice = i
+                            break
+                        k -= 1
         index.insert(choice, runs)
         self._last = choice
         return choice
