@@ -91,9 +91,10 @@ async def test_tokens_arrive_one_itl_apart() -> None:
     loop = asyncio.get_running_loop()
     async with engine.submit(prompt_tokens=1, max_tokens=4) as gen:
         stamps = [loop.time() async for _ in gen]
-    # Tokens are due on a fixed grid (no drift), so only the span is tight; single gaps may jitter.
+    # Tokens are due on a fixed grid (no drift): a late first token shortens the span by its delay,
+    # never lengthens it, so the span is bounded by the grid within the loop's wake-up jitter.
     assert all(b > a for a, b in itertools.pairwise(stamps))
-    assert 3 * 0.020 - 0.002 <= stamps[-1] - stamps[0] <= 0.5
+    assert 3 * 0.020 - 0.015 <= stamps[-1] - stamps[0] <= 0.5
     assert engine.stats.itl.total == pytest.approx(3 * 0.020)
 
 
