@@ -9,8 +9,3 @@ import igw.flowcontrol.saturation
 import igw.parsing.openai
 import igw.parsing.passthrough
 import igw.scheduling.plugins  # noqa: F401  (every scheduling plugin module)
-from igw.framework import registry
-
-
-def known_types() -> list[str]:
-    return registry.known_types()
