@@ -535,6 +535,11 @@ class FastEngine:
         self._free_plain(r.partial, front=True)
         self._free_plain(r.dup)
         r.partial = r.dup = 0
+        self._unref_nodes(r)
+
+    def _unref_nodes(self, r: _Req) -> None:
+        """Drop ``r``'s references to its nodes, last first: a node nobody holds any more stays cached
+        (LRU, evictable) or, with caching off, is freed."""
         states = self.nodes
         lru = self.lru
         caching = self.caching
@@ -636,22 +641,7 @@ class FastEngine:
         if plain > 0:
             self._free_plain(plain)
         r.partial = r.dup = 0
-        lru = self.lru
-        caching = self.caching
-        nodes = r.nodes
-        for i in range(r.nref - 1, -1, -1):
-            node = nodes[i]
-            st = states[node]
-            st.ref -= 1
-            if st.ref == 0:
-                if st.n and caching:
-                    lru[node] = None
-                    self.free += st.n
-                else:
-                    self._free_plain(st.n, front=True)  # caching is off: no block has a hash
-                    del states[node]
-        r.nref = 0
-        r.alloc = 0
+        self._unref_nodes(r)
         self.recorder.finish(r.sim, self.index, r.first_token, now, r.cached)
 
     def _preempt(self, r: _Req) -> None:
