@@ -343,3 +343,21 @@ def test_a_compiled_build_is_used_only_while_it_matches_the_sources(
     monkeypatch.setenv("IGW_SIM_PURE", "1")
     assert _compiled.ext_dir() is None
     assert isinstance(compiled(), bool)  # which variant this test run loaded: either is supported
+
+
+def test_the_two_replay_loops_stay_identical_but_for_the_engine_type() -> None:
+    """``_loop_fast`` exists only so the compiled build calls FastEngine natively: same body as ``_loop``."""
+    from pathlib import Path
+
+    import igw_sim
+
+    source = (Path(igw_sim.__file__).parent / "replay" / "driver.py").read_text()  # the compiled build has none
+
+    def body(name: str) -> list[str]:
+        lines = source[source.index(f"\ndef {name}(") :].splitlines()[1:]
+        lines = lines[lines.index(") -> None:") + 1 :]
+        end = next(i for i, line in enumerate(lines) if line and not line.startswith((" ", ")")))
+        return [line for line in lines[:end] if not line.strip().startswith('"""')]
+
+    assert body("_loop_fast") == body("_loop")
+    assert len(body("_loop")) > 50
