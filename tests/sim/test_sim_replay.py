@@ -356,7 +356,7 @@ def test_the_two_replay_loops_stay_identical_but_for_the_engine_type() -> None:
     def body(name: str) -> list[str]:
         lines = source[source.index(f"\ndef {name}(") :].splitlines()[1:]
         lines = lines[lines.index(") -> None:") + 1 :]
-        end = next(i for i, line in enumerate(lines) if line and not line.startswith((" ", ")")))
+        end = next((i for i, line in enumerate(lines) if line and not line.startswith((" ", ")"))), len(lines))
         return [line for line in lines[:end] if not line.strip().startswith('"""')]
 
     assert body("_loop_fast") == body("_loop")
