@@ -71,3 +71,22 @@ def test_validate_checks_the_data_layer(tmp_path: Path, capsys: pytest.CaptureFi
         "dataLayer:\n  sources: [{pluginRef: metrics-data-source, extractors: [{pluginRef: core-metrics-extractor}]}]\n"
     )
     assert main(["config", "validate", str(path), "--quiet"]) == 0
+
+
+@pytest.mark.parametrize(
+    ("args", "fragment"),
+    [
+        (["--endpoint", "127.0.0.1:1", "--no-envoy", "--kubeconfig", "/x"], "--kubeconfig: Kubernetes-mode flags"),
+        (["--pool-name", "p"], "add --no-envoy"),
+        (["--endpoint", "127.0.0.1:1", "--cert-path", "/x"], "go with --secure-serving"),
+        (["--pool-name", "p", "--no-envoy", "--endpoint-target-ports", "x"], "not a list of port numbers"),
+    ],
+    ids=["stray-kube-flag", "kube-without-no-envoy", "cert-without-tls", "bad-ports"],
+)
+def test_run_flag_mistakes_are_one_line_errors(
+    capsys: pytest.CaptureFixture[str], args: list[str], fragment: str
+) -> None:
+    assert main(["run", *args]) == 2
+    err = capsys.readouterr().err
+    assert fragment in err
+    assert "Traceback" not in err
