@@ -5,6 +5,10 @@
 OpenAI chat requests. Prints a Markdown table and writes the JSON report.
 
 ``igw bench scrape``: the EPP's CPU while it keeps N endpoints' metrics fresh.
+
+``igw bench compare``: arms (igw configurations, Envoy's balancing, sglang-router, vllm-router) side
+by side on one workload and a ladder of rates, each in front of a fresh simulated fleet; writes JSON,
+Markdown and a PNG plot.
 """
 
 from __future__ import annotations
@@ -62,7 +66,75 @@ def build_parser() -> argparse.ArgumentParser:
     sc.add_argument("--endpoints", type=_positive_int, nargs="+", default=[8, 64], help="fleet sizes (default 8 64)")
     sc.add_argument("--interval", type=_positive_float, default=0.05, help="scrape interval, seconds (default 0.05)")
     sc.add_argument("--duration", type=_positive_float, default=8.0, help="measured seconds per size (default 8)")
+    cmp = sub.add_parser(
+        "compare",
+        help="arms side by side on a workload and a QPS ladder (simulated fleet)",
+        description="Each arm in turn gets a fresh simulated fleet, a warm-up, then one open-loop Poisson step "
+        "per rate. Times and rates are simulated (the fleet runs --time-dilation times slower than real time).",
+    )
+    cmp.add_argument("--workload", default="w1:fill=0.73",
+                     help="generator spec without qps/duration/seed: w1, w4, w5, w6, w7 (default w1:fill=0.73)")  # fmt: skip
+    cmp.add_argument("--arms", default="igw,sglang-router:cache_aware,vllm-router:cache_aware,envoy-lr,envoy-rr",
+                     help="comma-separated arms: igw, igw:FILE, envoy-rr, envoy-lr, random, "
+                     "sglang-router:POLICY, vllm-router:POLICY")  # fmt: skip
+    cmp.add_argument("--qps", default="10,20,30,40,50,60", help="comma-separated simulated rates (default 10..60)")
+    cmp.add_argument("--step-s", type=_positive_float, default=20.0, help="simulated seconds per step (default 20)")
+    cmp.add_argument(
+        "--warmup-s", type=_non_negative_float, default=10.0, help="simulated warm-up seconds (default 10)"
+    )
+    cmp.add_argument("--warmup-qps", type=_non_negative_float, default=0.0, help="warm-up rate (default: middle step)")
+    cmp.add_argument("--servers", type=_positive_int, default=8, help="simulated servers (default 8)")
+    cmp.add_argument("--profile", default="h100-llama3-8b", help="simulator latency profile (default h100-llama3-8b)")
+    cmp.add_argument("--kv-blocks", type=_positive_int, default=8192, help="KV blocks per server (default 8192)")
+    cmp.add_argument("--time-dilation", type=_positive_float, default=5.0,
+                     help="real seconds per simulated second (default 5)")  # fmt: skip
+    cmp.add_argument("--loras", type=_positive_int, default=0, help="LoRA adapters lora-0.. the fleet serves (w6)")
+    cmp.add_argument("--max-loras", type=_positive_int, help="resident adapter slots per server")
+    cmp.add_argument("--seed", type=int, default=1, help="workload seed (default 1)")
+    cmp.add_argument("--saturated-ttft-s", type=_positive_float, default=30.0,
+                     help="an arm whose TTFT p90 passes this skips its higher steps (default 30)")  # fmt: skip
+    cmp.add_argument("--out", type=Path, default=Path("benchmarks/results"), metavar="DIR",
+                     help="where the report goes (default benchmarks/results)")  # fmt: skip
     return parser
+
+
+def _compare(args: argparse.Namespace) -> int:
+    from igw_bench.arms import parse_arm
+    from igw_bench.compare import CompareOptions, run_compare
+    from igw_bench.fleet import SimFleetSpec
+    from igw_bench.procs import run_loop
+    from igw_bench.report import format_markdown, write_report
+
+    try:
+        arms = tuple(parse_arm(a) for a in args.arms.split(",") if a.strip())
+        qps = tuple(float(q) for q in args.qps.split(",") if q.strip())
+        if not arms or not qps or any(not q > 0 for q in qps):
+            raise ValueError("--arms and --qps need at least one value each, and rates must be > 0")
+    except ValueError as exc:
+        print(f"igw bench compare: error: {exc}", file=sys.stderr)
+        return 2
+    loras = tuple(f"lora-{i}" for i in range(args.loras))
+    fleet = SimFleetSpec(servers=args.servers, profile=args.profile, kv_blocks=args.kv_blocks,
+                         time_dilation=args.time_dilation, loras=loras, max_loras=args.max_loras)  # fmt: skip
+    opts = CompareOptions(workload=args.workload, arms=arms, qps=qps, step_s=args.step_s, warmup_s=args.warmup_s,
+                          warmup_qps=args.warmup_qps, fleet=fleet, seed=args.seed,
+                          saturated_ttft_s=args.saturated_ttft_s, out_dir=args.out)  # fmt: skip
+    try:
+        from igw_bench.compare import describe_workload
+
+        describe_workload(opts)
+    except ValueError as exc:
+        print(f"igw bench compare: error: {exc}", file=sys.stderr)
+        return 2
+
+    def progress(line: str) -> None:
+        print(line, file=sys.stderr, flush=True)
+
+    report = run_loop(run_compare(opts, log=progress))
+    print(format_markdown(report), flush=True)
+    for path in write_report(report, args.out):
+        print(f"wrote {path}", flush=True)
+    return 1 if any("error" in arm for arm in report["arms"]) else 0
 
 
 def _scrape(args: argparse.Namespace) -> int:
@@ -122,4 +194,6 @@ def main(argv: list[str] | None = None) -> int:
         return _overhead(args)
     if args.command == "scrape":
         return _scrape(args)
+    if args.command == "compare":
+        return _compare(args)
     return 2  # pragma: no cover - argparse only accepts known commands

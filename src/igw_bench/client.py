@@ -31,6 +31,8 @@ class Result:
     """From the response's ``usage`` (streamed: the final usage chunk, when asked for)."""
     cached_tokens: int = 0
     """``usage.prompt_tokens_details.cached_tokens``: prompt tokens the server had in its prefix cache."""
+    text: str | None = None
+    """The generated text (streamed responses, when asked for with ``keep_text``)."""
 
 
 @dataclass(slots=True)
@@ -40,12 +42,16 @@ class RequestSpec:
     headers: dict[str, str] = field(default_factory=dict)
 
 
-async def send(http: aiohttp.ClientSession, base_url: str, spec: RequestSpec) -> Result:
-    """Send one request; never raises (transport errors become a failed :class:`Result`)."""
+async def send(http: aiohttp.ClientSession, base_url: str, spec: RequestSpec, *, keep_text: bool = False) -> Result:
+    """Send one request; never raises (transport errors become a failed :class:`Result`).
+
+    ``keep_text`` keeps a streamed response's generated text (a later prompt may quote it).
+    """
     started = time.perf_counter()
     stream = bool(spec.body.get("stream"))
     ttft: float | None = None
     tokens = 0
+    pieces: list[str] = []
     try:
         async with http.post(base_url + spec.path, data=orjson.dumps(spec.body), headers=spec.headers) as resp:
             endpoint = resp.headers.get("x-igw-sim-endpoint")
@@ -59,10 +65,15 @@ async def send(http: aiohttp.ClientSession, base_url: str, spec: RequestSpec) ->
                         continue
                     chunk = orjson.loads(line[6:])
                     choices = chunk.get("choices") or []
-                    if choices and (choices[0].get("text") or (choices[0].get("delta") or {}).get("content")):
+                    piece = (
+                        choices[0].get("text") or (choices[0].get("delta") or {}).get("content") if choices else None
+                    )
+                    if piece:
                         if ttft is None:
                             ttft = time.perf_counter() - started
                         tokens += 1
+                        if keep_text:
+                            pieces.append(piece)
                     if isinstance(chunk.get("usage"), dict):
                         usage = chunk["usage"]
             else:
@@ -72,7 +83,8 @@ async def send(http: aiohttp.ClientSession, base_url: str, spec: RequestSpec) ->
             details = usage.get("prompt_tokens_details") or {}
             return Result(True, 200, ttft, time.perf_counter() - started, tokens, endpoint,
                           prompt_tokens=int(usage.get("prompt_tokens") or 0),
-                          cached_tokens=int(details.get("cached_tokens") or 0))  # fmt: skip
+                          cached_tokens=int(details.get("cached_tokens") or 0),
+                          text="".join(pieces) if keep_text else None)  # fmt: skip
     except (TimeoutError, aiohttp.ClientError, ValueError) as exc:
         return Result(False, 0, None, time.perf_counter() - started, 0, None, f"{type(exc).__name__}: {exc}")
 

@@ -38,8 +38,16 @@ _BREAKERS = {
 }  # fmt: skip
 
 
-def envoy_alone_bootstrap(listen_port: int, admin_port: int, backends: list[str]) -> dict[str, Any]:
-    """Arm A: a plain Envoy HTTP proxy to a static least-request pool (no ext_proc)."""
+LB_POLICIES = ("LEAST_REQUEST", "ROUND_ROBIN", "RANDOM")
+"""Envoy's own balancing, as the ``envoy-lr``, ``envoy-rr`` and ``random`` benchmark arms use it."""
+
+
+def envoy_alone_bootstrap(
+    listen_port: int, admin_port: int, backends: list[str], *, lb_policy: str = "LEAST_REQUEST"
+) -> dict[str, Any]:
+    """A plain Envoy HTTP proxy to a static pool balanced by ``lb_policy`` (no ext_proc)."""
+    if lb_policy not in LB_POLICIES:
+        raise ValueError(f"lb_policy must be one of {', '.join(LB_POLICIES)}, got {lb_policy!r}")
     hosts = []
     for address in backends:
         host, _, port = address.rpartition(":")
@@ -70,7 +78,7 @@ def envoy_alone_bootstrap(listen_port: int, admin_port: int, backends: list[str]
             "clusters": [{
                 "name": "pool",
                 "type": "STATIC",
-                "lb_policy": "LEAST_REQUEST",
+                "lb_policy": lb_policy,
                 "connect_timeout": "5s",
                 "circuit_breakers": _BREAKERS,
                 "load_assignment": {"cluster_name": "pool", "endpoints": [{"lb_endpoints": hosts}]},

@@ -42,3 +42,24 @@ def child_pids(parent: int, comm: str | None = None) -> list[int]:
         if int(fields[1]) == parent and (comm is None or name == comm):
             found.append(int(entry.name))
     return found
+
+
+def rss_bytes(pid: int) -> int | None:
+    """Resident set size of a process (``VmRSS``), in bytes; None if it is gone."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
+def descendants(pid: int) -> list[int]:
+    """``pid`` and every process below it (children, their children, ...)."""
+    found = [pid]
+    i = 0
+    while i < len(found):
+        found.extend(child_pids(found[i]))
+        i += 1
+    return found

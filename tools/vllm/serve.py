@@ -12,7 +12,7 @@ Every engine runs ``vllm serve`` (through ``vllm_cli.py``) with the flags the ga
 ``--block-size 32`` (the CPU attention backend needs a multiple of 32), ``--num-gpu-blocks-override N``
 (a small cache, so prefix evictions and preemptions happen), ``--enable-prefix-caching``,
 ``--prefix-caching-hash-algo sha256_cbor`` and ``PYTHONHASHSEED`` (block hashes any process can
-recompute), ``--enforce-eager`` (starts in ~30 s instead of ~80 s with torch.compile), and, when
+recompute), ``--enable-prompt-tokens-details`` (``cached_tokens`` in every usage), ``--enforce-eager`` (starts in ~30 s instead of ~80 s with torch.compile), and, when
 ``--kv-events-endpoint`` is given, KV-cache events over ZMQ. vLLM *connects* to a concrete endpoint such
 as ``tcp://127.0.0.1:5557`` (the subscriber binds it; loopback only) and uses the topic
 ``kv@127.0.0.1:<port>@<served name>``.
@@ -92,6 +92,7 @@ class EngineSpec:
             "--enable-prefix-caching",
             "--prefix-caching-hash-algo", "sha256_cbor",
             "--enforce-eager",
+            "--enable-prompt-tokens-details",
         ]  # fmt: skip
         if self.max_num_batched_tokens is not None:
             args += ["--max-num-batched-tokens", str(self.max_num_batched_tokens)]
@@ -145,6 +146,11 @@ def engine_env(hash_seed: str, *, runtime_lora: bool = True) -> dict[str, str]:
             "HF_HOME": str(VLLM_HOME / "hf-home"),
             "PYTHONHASHSEED": hash_seed,
             "PYTHONUNBUFFERED": "1",
+            # POST /reset_prefix_cache (a benchmark empties the caches between arms)
+            "VLLM_SERVER_DEV_MODE": "1",
+            # uvicorn closes idle keep-alive connections after 5 s by default; a proxy that reuses one
+            # just then gets a reset (reference/peers.md, later findings)
+            "VLLM_HTTP_TIMEOUT_KEEP_ALIVE": "300",
         }
     )
     if runtime_lora:

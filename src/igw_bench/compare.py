@@ -1,0 +1,252 @@
+"""``igw bench compare``: arms side by side on one workload, a ladder of request rates each.
+
+For every arm in turn: a fresh fleet (the same spec and seeds for all arms, so none inherits another's
+cache), the arm in front of it, a warm-up that is not measured, then one step per rate. A step is an
+open-loop Poisson workload (:mod:`igw_bench.openloop`) of ``step_s`` simulated seconds; the servers'
+counters are read before and after it. An arm whose TTFT p90 passes ``saturated_ttft_s`` (or that fails
+half its requests) is saturated: its higher steps are skipped, since they could only be worse.
+
+Times are simulated seconds: with the fleet's time dilation ``D`` every real duration the client
+measures is divided by ``D`` and every rate multiplied by it (the gateway's own latency is divided too,
+which the report states). The result is a plain dict (JSON), rendered by :mod:`igw_bench.report`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import platform
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+
+from igw_bench.arms import ArmSpec, RunningArm, start_arm
+from igw_bench.client import percentile
+from igw_bench.fleet import (
+    Counters,
+    FleetSpec,
+    SimFleetSpec,
+    counter_delta,
+    reset_prefix_caches,
+    scrape_counters,
+    start_fleet,
+)
+from igw_bench.openloop import Sent, run_open_loop
+from igw_bench.procs import Child
+from igw_bench.sysstats import cpu_seconds, descendants, rss_bytes
+from igw_bench.textgen import HttpRequest, render_workload
+from igw_sim.replay.workloads import build_workload, parse_spec
+
+__all__ = ["CompareOptions", "run_compare", "step_stats"]
+
+
+@dataclass(frozen=True, slots=True)
+class CompareOptions:
+    workload: str
+    """A generator spec without rate and duration, e.g. ``w1:fill=0.73`` (igw_sim.replay.workloads)."""
+    arms: tuple[ArmSpec, ...]
+    qps: tuple[float, ...]
+    step_s: float = 20.0
+    """Simulated seconds of arrivals per step."""
+    warmup_s: float = 10.0
+    warmup_qps: float = 0.0
+    """Rate of the unmeasured warm-up (0: the ladder's middle rate)."""
+    fleet: FleetSpec = field(default_factory=SimFleetSpec)
+    seed: int = 1
+    saturated_ttft_s: float = 30.0
+    drain_factor: float = 1.0
+    """After a step's last arrival, running requests get ``drain_factor * step_s`` simulated seconds."""
+    out_dir: Path = Path("benchmarks/results")
+
+
+def _workload_spec(base: str, qps: float, duration: float, seed: int) -> str:
+    name, params = parse_spec(base)
+    for key in ("qps", "duration", "requests", "seed"):
+        if key in params:
+            raise ValueError(f"workload {base!r}: {key} is set by the bench (use --qps, --step-s, --seed)")
+    extra = ",".join(f"{k}={v:g}" for k, v in params.items())
+    return f"{name}:{extra + ',' if extra else ''}qps={qps:g},duration={duration:g},seed={seed}"
+
+
+def build_step(opts: CompareOptions, qps: float, duration: float, seed: int, tag: str) -> list[HttpRequest]:
+    """The requests of one step (the same for every arm)."""
+    spec = _workload_spec(opts.workload, qps, duration, seed)
+    workload = build_workload(spec, cluster_kv_tokens=opts.fleet.kv_tokens)
+    return render_workload(workload, opts.fleet.model, tag=tag)
+
+
+def describe_workload(opts: CompareOptions) -> str:
+    spec = _workload_spec(opts.workload, opts.qps[0], opts.step_s, opts.seed)
+    return build_workload(spec, cluster_kv_tokens=opts.fleet.kv_tokens).description.rsplit(";", 1)[0]
+
+
+def step_stats(
+    sent: list[Sent], servers: dict[str, Counters], *, dilation: float, cpu_s: float | None, rss: int | None
+) -> dict[str, Any]:
+    """A step's figures in simulated time (see the module docstring)."""
+    ok = [s for s in sent if s.result.ok]
+    ttft = [s.result.ttft_s / dilation for s in ok if s.result.ttft_s is not None]
+    e2e = [s.result.e2e_s / dilation for s in ok]
+    itl = [
+        (s.result.e2e_s - s.result.ttft_s) / (s.result.output_tokens - 1) / dilation
+        for s in ok
+        if s.result.ttft_s is not None and s.result.output_tokens > 1
+    ]
+    end = max((s.sent_at + s.result.e2e_s for s in sent), default=0.0)
+    span = end / dilation if end > 0 else float("nan")
+    tokens = sum(s.result.output_tokens for s in ok)
+    prompt = sum(s.result.prompt_tokens for s in ok)
+    cached = sum(s.result.cached_tokens for s in ok)
+    requests = {e: c.get("requests", 0.0) for e, c in servers.items()}
+    total_requests = sum(requests.values())
+    queries = sum(c.get("queries", 0.0) for c in servers.values())
+    hits = sum(c.get("hits", 0.0) for c in servers.values())
+    errors: dict[str, int] = {}
+    for s in sent:
+        if not s.result.ok:
+            key = f"{s.result.status} {(s.result.error or '')[:60]}".strip()
+            errors[key] = errors.get(key, 0) + 1
+    share = {e: (n / total_requests if total_requests else 0.0) for e, n in sorted(requests.items())}
+    return {
+        "requests": len(sent),
+        "ok": len(ok),
+        "failed": len(sent) - len(ok),
+        "errors": errors,
+        "span_s": span,
+        "output_tokens_per_s": tokens / span if span > 0 else 0.0,
+        "requests_per_s": len(ok) / span if span > 0 else 0.0,
+        "ttft_s": {"p50": percentile(ttft, 50), "p90": percentile(ttft, 90), "p99": percentile(ttft, 99)},
+        "itl_s": {"p50": percentile(itl, 50), "p90": percentile(itl, 90)},
+        "e2e_s": {"p50": percentile(e2e, 50), "p90": percentile(e2e, 90), "p99": percentile(e2e, 99)},
+        "hit_rate_usage": cached / prompt if prompt else 0.0,
+        "hit_rate_server": hits / queries if queries else 0.0,
+        "preemptions": sum(c.get("preemptions", 0.0) for c in servers.values()),
+        "endpoint_share": share,
+        "hotspot": len(share) * max(share.values()) if share and total_requests else float("nan"),
+        "gateway_cpu_cores": (cpu_s / (end or float("nan"))) if cpu_s is not None else None,
+        "gateway_cpu_ms_per_request": (cpu_s * 1000 / len(ok)) if cpu_s is not None and ok else None,
+        "gateway_rss_mib": rss / 2**20 if rss is not None else None,
+    }
+
+
+def _gateway_pids(arm: RunningArm) -> list[int]:
+    pids: list[int] = []
+    for pid in arm.pids.values():
+        pids.extend(p for p in descendants(pid) if p not in pids)
+    return pids
+
+
+def _cpu(pids: list[int]) -> float:
+    return sum(cpu_seconds(p) or 0.0 for p in pids)
+
+
+def _rss(pids: list[int]) -> int:
+    return sum(rss_bytes(p) or 0 for p in pids)
+
+
+async def _run_arm(
+    opts: CompareOptions, spec: ArmSpec, workdir: Path, steps: list[tuple[float, list[HttpRequest]]],
+    warmup: list[HttpRequest], log: Callable[[str], None], shared: list[str] | None,
+) -> dict[str, Any]:  # fmt: skip
+    """One arm through the ladder, on a fresh fleet (or on ``shared`` endpoints, their caches reset)."""
+    d = opts.fleet.time_dilation
+    fleet: Child | None = None
+    arm: RunningArm | None = None
+    result: dict[str, Any] = {"arm": spec.name, "describe": spec.describe(), "steps": []}
+    try:
+        if shared is None:
+            fleet, endpoints = await start_fleet(opts.fleet, workdir / f"fleet-{_slug(spec.name)}.log")
+        else:
+            endpoints = shared
+            await reset_prefix_caches(endpoints)
+        arm = await start_arm(spec, endpoints, workdir, dilation=d, model=opts.fleet.model)
+        result["version"] = arm.version
+        pids = _gateway_pids(arm)
+        log(f"{spec.name}: up at {arm.base_url} (gateway pids {pids}); warm-up {len(warmup)} requests")
+        warm = await run_open_loop(arm.base_url, warmup, dilation=d, drain_s=opts.warmup_s * d)
+        bad = sum(1 for s in warm if not s.result.ok)
+        if bad == len(warm) and warm:
+            raise RuntimeError(f"{spec.name}: every warm-up request failed, e.g. {warm[0].result.error}")
+        saturated_at: float | None = None
+        for qps, requests in steps:
+            if saturated_at is not None:
+                result["steps"].append({"qps": qps, "skipped": f"saturated at {saturated_at:g} QPS"})
+                continue
+            before = await scrape_counters(endpoints)
+            cpu0 = _cpu(pids)
+            t0 = time.perf_counter()
+            sent = await run_open_loop(arm.base_url, requests, dilation=d, drain_s=opts.drain_factor * opts.step_s * d)
+            cpu = _cpu(pids) - cpu0
+            after = await scrape_counters(endpoints)
+            stats = step_stats(sent, counter_delta(before, after), dilation=d, cpu_s=cpu, rss=_rss(pids))
+            stats["qps"] = qps
+            stats["wall_s"] = time.perf_counter() - t0
+            result["steps"].append(stats)
+            log(
+                f"{spec.name} @ {qps:g} QPS: {stats['ok']}/{stats['requests']} ok, "
+                f"{stats['output_tokens_per_s']:,.0f} out tok/s, TTFT p90 {stats['ttft_s']['p90']:.3f} s, "
+                f"hit {stats['hit_rate_server']:.1%}, hotspot {stats['hotspot']:.2f} ({stats['wall_s']:.0f} s)"
+            )
+            p90 = stats["ttft_s"]["p90"]
+            if stats["failed"] * 2 > stats["requests"] or not p90 <= opts.saturated_ttft_s:
+                saturated_at = qps
+    finally:
+        if arm is not None:
+            await arm.stop()
+        if fleet is not None:
+            await fleet.stop(timeout=40.0)
+    return result
+
+
+def _slug(name: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_" else "-" for c in name)
+
+
+async def run_compare(opts: CompareOptions, *, log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Run every arm through the ladder; the report (see :mod:`igw_bench.report`)."""
+    started = datetime.now(UTC)
+    warm_qps = opts.warmup_qps or sorted(opts.qps)[len(opts.qps) // 2]
+    warmup = build_step(opts, warm_qps, opts.warmup_s, opts.seed + 10_000, "warmup")
+    steps = [(q, build_step(opts, q, opts.step_s, opts.seed + i, f"step{i}")) for i, q in enumerate(opts.qps)]
+    workdir = opts.out_dir / "logs" / started.strftime("compare-%Y%m%dT%H%M%SZ")
+    await asyncio.to_thread(workdir.mkdir, parents=True, exist_ok=True)
+    arms: list[dict[str, Any]] = []
+    shared_fleet: Child | None = None
+    shared: list[str] | None = None
+    try:
+        if not opts.fleet.fresh_per_arm:
+            log(f"starting {opts.fleet.servers} {opts.fleet.describe()['kind']} (shared by the arms)")
+            shared_fleet, shared = await start_fleet(opts.fleet, workdir / "fleet.log")
+        for spec in opts.arms:
+            try:
+                arms.append(await _run_arm(opts, spec, workdir, steps, warmup, log, shared))
+            except (RuntimeError, TimeoutError, OSError, aiohttp.ClientError) as exc:
+                log(f"{spec.name}: failed: {exc}")
+                arms.append({"arm": spec.name, "describe": spec.describe(), "error": str(exc), "steps": []})
+    finally:
+        if shared_fleet is not None:
+            await shared_fleet.stop(timeout=40.0)
+    return {
+        "benchmark": "igw bench compare",
+        "started": started.isoformat(timespec="seconds"),
+        "finished": datetime.now(UTC).isoformat(timespec="seconds"),
+        "workload": {
+            "spec": opts.workload,
+            "description": describe_workload(opts),
+            "qps": list(opts.qps),
+            "step_s": opts.step_s,
+            "warmup_s": opts.warmup_s,
+            "warmup_qps": warm_qps,
+            "seed": opts.seed,
+        },
+        "fleet": opts.fleet.describe(),
+        "options": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(opts).items() if k != "arms"},
+        "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "load_avg": os.getloadavg()},
+        "logs": str(workdir),
+        "arms": arms,
+    }

@@ -1,0 +1,239 @@
+"""igw in front of real vLLM CPU engines: routing, streaming, metrics scraping, LoRA, KV events.
+
+Three engines of the tiny local model (``make vllm-env`` builds it; ``make e2e-vllm`` runs these tests,
+which ``make test`` deselects) with a small KV cache, prefix caching, one LoRA adapter and KV-cache
+events published to a ZMQ socket this module binds on loopback. The EPP and Envoy are the same as in the
+other e2e tests; only the model servers are real.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import msgpack
+import orjson
+import pytest
+import zmq
+from e2e_support import GatewayFactory, free_port
+from prometheus_client.parser import text_string_to_metric_families
+
+from igw.config.pool import parse_pool
+from igw.config.settings import BodyMode, DataLayerSettings, ObservabilitySettings
+
+REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO / "tools" / "vllm"))
+import serve  # noqa: E402
+
+pytestmark = [pytest.mark.vllm, pytest.mark.timeout(600)]
+
+HOME = Path(os.environ.get("IGW_VLLM_HOME", Path.home() / ".cache" / "igw-vllm"))
+MODEL = "tiny"
+LORA = "lora-a"
+
+
+def _missing() -> str | None:
+    for need in (HOME / "venv" / "bin" / "python", HOME / "tiny-model" / "config.json", HOME / "lora-a"):
+        if not need.exists():
+            return f"{need} is missing: run `make vllm-env`"
+    return None
+
+
+class Engines:
+    def __init__(self, procs: list[serve.EngineProcess], events: zmq.Socket[bytes]) -> None:
+        self.procs = procs
+        self.events = events
+        self.addresses = [f"{p.spec.host}:{p.spec.port}" for p in procs]
+
+    def drain_events(self, *, quiet_s: float = 1.0, max_s: float = 10.0) -> list[tuple[str, list[Any]]]:
+        """(topic, events) of every message until the socket is quiet for ``quiet_s``."""
+        out: list[tuple[str, list[Any]]] = []
+        deadline = time.monotonic() + max_s
+        last = time.monotonic()
+        while time.monotonic() < deadline and time.monotonic() - last < quiet_s:
+            if self.events.poll(100):
+                topic, _seq, payload = self.events.recv_multipart()
+                batch = msgpack.unpackb(payload, raw=False, strict_map_key=False)
+                out.append((topic.decode(), list(batch[1])))
+                last = time.monotonic()
+        return out
+
+
+@pytest.fixture(scope="module")
+def engines() -> Iterator[Engines]:
+    problem = _missing()
+    if problem is not None:
+        pytest.skip(problem)
+    ctx = zmq.Context.instance()
+    sub = ctx.socket(zmq.SUB)
+    sub.setsockopt(zmq.SUBSCRIBE, b"")
+    events_port = free_port()
+    sub.bind(f"tcp://127.0.0.1:{events_port}")
+    specs = [
+        serve.EngineSpec(
+            port=free_port(), model_dir=str(HOME / "tiny-model"), served_name=MODEL, num_blocks=128,
+            max_num_seqs=8, kv_events_endpoint=f"tcp://127.0.0.1:{events_port}",
+            lora_modules=[f"{LORA}={HOME / 'lora-a'}"],
+        )
+        for _ in range(3)
+    ]  # fmt: skip
+    procs = serve.start_engines(specs, python=str(HOME / "venv" / "bin" / "python"), log_dir=HOME / "e2e-logs")
+    try:
+        serve.wait_ready(procs, timeout=400)
+        yield Engines(procs, sub)
+    finally:
+        serve.stop_engines(procs)
+        sub.close(linger=0)
+
+
+def _counters(text: str) -> dict[str, float]:
+    out: dict[str, float] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            out[sample.name] = out.get(sample.name, 0.0) + float(sample.value)
+    return out
+
+
+async def _metrics(http: aiohttp.ClientSession, address: str) -> str:
+    async with http.get(f"http://{address}/metrics") as r:
+        assert r.status == 200
+        return await r.text()
+
+
+def _words(seed: int, n: int) -> str:
+    words = ("alpha", "river", "stone", "cloud", "maple", "ember", "quartz", "harbor", "violet", "summit")
+    return " ".join(words[(seed * 7 + i * 3 + i * i) % len(words)] + str((seed + i) % 13) for i in range(n))
+
+
+def _completion(prompt: str, *, model: str = MODEL, max_tokens: int = 8, stream: bool = True) -> dict[str, Any]:
+    body: dict[str, Any] = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "ignore_eos": True,
+                            "temperature": 0, "stream": stream}  # fmt: skip
+    if stream:
+        body["stream_options"] = {"include_usage": True}
+    return body
+
+
+async def _stream(http: aiohttp.ClientSession, url: str, body: dict[str, Any], **headers: str) -> dict[str, Any]:
+    """Send a streamed completion; the text, the usage and the response headers."""
+    async with http.post(f"{url}/v1/completions", json=body, headers=headers) as r:
+        assert r.status == 200, await r.text()
+        text, usage = [], {}
+        async for line in r.content:
+            if not line.startswith(b"data: ") or line.startswith(b"data: [DONE]"):
+                continue
+            chunk = orjson.loads(line[6:])
+            if chunk.get("choices"):
+                text.append(chunk["choices"][0].get("text", ""))
+            if chunk.get("usage"):
+                usage = chunk["usage"]
+        return {"text": "".join(text), "usage": usage, "headers": dict(r.headers), "chunks": len(text)}
+
+
+def _pool(engines: Engines) -> Any:
+    return parse_pool(
+        {"name": "vllm", "models": [MODEL, LORA], "endpoints": [{"address": a} for a in engines.addresses]}
+    )
+
+
+async def test_streams_through_igw_and_spreads_distinct_prompts(
+    engines: Engines, start_gateway: GatewayFactory, http: aiohttp.ClientSession
+) -> None:
+    gw = await start_gateway([], pool=_pool(engines), body_mode=BodyMode.BUFFERED,
+                             datalayer=DataLayerSettings(scrape_interval=0.05))  # fmt: skip
+    before = {a: _counters(await _metrics(http, a)) for a in engines.addresses}
+    results = await asyncio.gather(
+        *(_stream(http, gw.url, _completion(_words(100 + i, 120), max_tokens=24)) for i in range(12))
+    )
+    for res in results:
+        assert res["usage"]["completion_tokens"] == 24
+        assert res["chunks"] >= 2  # streamed, not one buffered body
+    after = {a: _counters(await _metrics(http, a)) for a in engines.addresses}
+    served = {
+        a: after[a].get("vllm:request_success_total", 0) - before[a].get("vllm:request_success_total", 0)
+        for a in engines.addresses
+    }
+    assert sum(served.values()) == 12
+    assert sum(1 for n in served.values() if n > 0) >= 2  # concurrent distinct prompts are spread
+    picked = {address for address, _ in gw.picks.by_request.values()}
+    assert picked == {a for a, n in served.items() if n > 0}
+
+
+async def test_shared_prefix_stays_on_one_engine_and_hits_its_cache(
+    engines: Engines, start_gateway: GatewayFactory, http: aiohttp.ClientSession
+) -> None:
+    gw = await start_gateway([], pool=_pool(engines), body_mode=BodyMode.BUFFERED,
+                             datalayer=DataLayerSettings(scrape_interval=0.05))  # fmt: skip
+    system = _words(7, 300)
+    picks: list[str] = []
+    cached: list[int] = []
+    for i in range(6):
+        res = await _stream(http, gw.url, _completion(f"{system} question {i}: {_words(900 + i, 12)}"))
+        cached.append(int((res["usage"].get("prompt_tokens_details") or {}).get("cached_tokens") or 0))
+        picks.append(list(gw.picks.by_request.values())[-1][0])
+        await asyncio.sleep(0.2)  # let a scrape and the prefix index see it
+    assert len(set(picks)) == 1, picks
+    assert all(c >= 256 for c in cached[1:]), cached  # the system prompt's blocks (32 tokens each) were reused
+
+
+async def test_metrics_of_real_engines_drive_the_decision(
+    engines: Engines, start_gateway: GatewayFactory, http: aiohttp.ClientSession
+) -> None:
+    gw = await start_gateway([], pool=_pool(engines), body_mode=BodyMode.BUFFERED,
+                             datalayer=DataLayerSettings(scrape_interval=0.05),
+                             observability=ObservabilitySettings(decision_header=True))  # fmt: skip
+    # keep one engine busy with long generations, then ask for a decision
+    busy = engines.addresses[0]
+    async with aiohttp.ClientSession() as direct, asyncio.TaskGroup() as group:
+        for i in range(11):  # more than max_num_seqs (8): some wait
+            group.create_task(_stream(direct, f"http://{busy}", _completion(_words(50 + i, 20), max_tokens=300)))
+        await asyncio.sleep(1.5)
+        async with http.post(f"{gw.url}/v1/completions", json=_completion(_words(3, 30), stream=False),
+                             headers={"x-igw-explain": "1"}) as r:  # fmt: skip
+            assert r.status == 200
+            decision = orjson.loads(r.headers["x-igw-decision"])
+    scores = {c["endpoint"]: c["scores"] for c in decision["candidates"]}
+    assert set(scores) == set(engines.addresses)
+    others = [a for a in engines.addresses if a != busy]
+    # the busy engine reported waiting requests and KV use in /metrics: it scores lower on both
+    assert all(scores[busy]["queue-scorer"] < scores[a]["queue-scorer"] for a in others), scores
+    assert all(scores[busy]["kv-cache-utilization-scorer"] < scores[a]["kv-cache-utilization-scorer"] for a in others)
+    assert decision["picked"] != busy
+
+
+async def test_lora_adapter_requests_are_served_and_reported(
+    engines: Engines, start_gateway: GatewayFactory, http: aiohttp.ClientSession
+) -> None:
+    gw = await start_gateway([], pool=_pool(engines), body_mode=BodyMode.BUFFERED,
+                             datalayer=DataLayerSettings(scrape_interval=0.05))  # fmt: skip
+    res = await _stream(http, gw.url, _completion(_words(11, 20), model=LORA, max_tokens=12))
+    assert res["usage"]["completion_tokens"] == 12
+    address = list(gw.picks.by_request.values())[-1][0]
+    families = {f.name: f for f in text_string_to_metric_families(await _metrics(http, address))}
+    info = families["vllm:lora_requests_info"]
+    assert {"max_lora", "running_lora_adapters", "waiting_lora_adapters"} <= set(info.samples[0].labels)
+    async with http.post(f"{gw.url}/v1/completions", json=_completion("x", model="no-such-adapter", stream=False)) as r:
+        assert r.status == 404  # the engine's own answer for an unknown model, passed through
+
+
+async def test_kv_events_arrive_per_engine_topic(
+    engines: Engines, start_gateway: GatewayFactory, http: aiohttp.ClientSession
+) -> None:
+    engines.drain_events(quiet_s=0.5, max_s=5)
+    gw = await start_gateway([], pool=_pool(engines), body_mode=BodyMode.BUFFERED)
+    for i in range(6):
+        await _stream(http, gw.url, _completion(_words(300 + i, 100), max_tokens=4))
+    served = {address for address, _ in gw.picks.by_request.values()}
+    events = engines.drain_events()
+    stored: dict[str, int] = {}
+    for topic, batch in events:
+        for event in batch:
+            kind = event.get("type") if isinstance(event, dict) else event[0]
+            if kind == "BlockStored":
+                stored[topic] = stored.get(topic, 0) + 1
+    assert {f"kv@{a}@{MODEL}" for a in served} <= set(stored), (served, stored)
