@@ -83,11 +83,16 @@ def build_parser() -> argparse.ArgumentParser:
         "--warmup-s", type=_non_negative_float, default=10.0, help="simulated warm-up seconds (default 10)"
     )
     cmp.add_argument("--warmup-qps", type=_non_negative_float, default=0.0, help="warm-up rate (default: middle step)")
-    cmp.add_argument("--servers", type=_positive_int, default=8, help="simulated servers (default 8)")
+    cmp.add_argument("--load", choices=["builtin", "inference-perf"], default="builtin",
+                     help="the load client (inference-perf: w1 and w4 only; default builtin)")  # fmt: skip
+    cmp.add_argument("--fleet", choices=["sim", "vllm"], default="sim",
+                     help="simulated servers (fresh per arm) or real vLLM CPU engines (shared; make vllm-env)")  # fmt: skip
+    cmp.add_argument("--servers", type=_positive_int, default=0, help="servers (default 8 simulated, 3 vLLM)")
     cmp.add_argument("--profile", default="h100-llama3-8b", help="simulator latency profile (default h100-llama3-8b)")
-    cmp.add_argument("--kv-blocks", type=_positive_int, default=8192, help="KV blocks per server (default 8192)")
+    cmp.add_argument("--kv-blocks", type=_positive_int, default=0,
+                     help="KV blocks per server (default 8192 simulated of 16 tokens, 256 vLLM of 32)")  # fmt: skip
     cmp.add_argument("--time-dilation", type=_positive_float, default=5.0,
-                     help="real seconds per simulated second (default 5)")  # fmt: skip
+                     help="real seconds per simulated second (simulated fleet; default 5)")  # fmt: skip
     cmp.add_argument("--loras", type=_positive_int, default=0, help="LoRA adapters lora-0.. the fleet serves (w6)")
     cmp.add_argument("--max-loras", type=_positive_int, help="resident adapter slots per server")
     cmp.add_argument("--seed", type=int, default=1, help="workload seed (default 1)")
@@ -100,8 +105,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _compare(args: argparse.Namespace) -> int:
     from igw_bench.arms import parse_arm
-    from igw_bench.compare import CompareOptions, run_compare
-    from igw_bench.fleet import SimFleetSpec
+    from igw_bench.compare import CompareOptions, describe_workload, run_compare
+    from igw_bench.fleet import FleetSpec, SimFleetSpec, VllmFleetSpec
+    from igw_bench.ipload import shared_prefix_shape
     from igw_bench.procs import run_loop
     from igw_bench.report import format_markdown, write_report
 
@@ -114,15 +120,22 @@ def _compare(args: argparse.Namespace) -> int:
         print(f"igw bench compare: error: {exc}", file=sys.stderr)
         return 2
     loras = tuple(f"lora-{i}" for i in range(args.loras))
-    fleet = SimFleetSpec(servers=args.servers, profile=args.profile, kv_blocks=args.kv_blocks,
-                         time_dilation=args.time_dilation, loras=loras, max_loras=args.max_loras)  # fmt: skip
+    fleet: FleetSpec
+    if args.fleet == "vllm":
+        fleet = VllmFleetSpec(servers=args.servers or 3, num_blocks=args.kv_blocks or 256, loras=loras,
+                              max_loras=args.max_loras or 2)  # fmt: skip
+    else:
+        fleet = SimFleetSpec(servers=args.servers or 8, profile=args.profile, kv_blocks=args.kv_blocks or 8192,
+                             time_dilation=args.time_dilation, loras=loras, max_loras=args.max_loras)  # fmt: skip
     opts = CompareOptions(workload=args.workload, arms=arms, qps=qps, step_s=args.step_s, warmup_s=args.warmup_s,
                           warmup_qps=args.warmup_qps, fleet=fleet, seed=args.seed,
-                          saturated_ttft_s=args.saturated_ttft_s, out_dir=args.out)  # fmt: skip
+                          saturated_ttft_s=args.saturated_ttft_s, out_dir=args.out, load=args.load)  # fmt: skip
     try:
-        from igw_bench.compare import describe_workload
-
         describe_workload(opts)
+        if args.load == "inference-perf":
+            shared_prefix_shape(args.workload, fleet.kv_tokens)
+        if isinstance(fleet, VllmFleetSpec) and (problem := fleet.missing()):
+            raise ValueError(problem)
     except ValueError as exc:
         print(f"igw bench compare: error: {exc}", file=sys.stderr)
         return 2

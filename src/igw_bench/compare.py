@@ -36,6 +36,7 @@ from igw_bench.fleet import (
     scrape_counters,
     start_fleet,
 )
+from igw_bench.ipload import run_ip_step, shared_prefix_shape
 from igw_bench.openloop import Sent, run_open_loop
 from igw_bench.procs import Child
 from igw_bench.sysstats import cpu_seconds, descendants, rss_bytes
@@ -62,6 +63,8 @@ class CompareOptions:
     drain_factor: float = 1.0
     """After a step's last arrival, running requests get ``drain_factor * step_s`` simulated seconds."""
     out_dir: Path = Path("benchmarks/results")
+    load: str = "builtin"
+    """``builtin`` (:mod:`igw_bench.openloop`) or ``inference-perf`` (:mod:`igw_bench.ipload`, W1/W4)."""
 
 
 def _workload_spec(base: str, qps: float, duration: float, seed: int) -> str:
@@ -85,6 +88,30 @@ def describe_workload(opts: CompareOptions) -> str:
     return build_workload(spec, cluster_kv_tokens=opts.fleet.kv_tokens).description.rsplit(";", 1)[0]
 
 
+def server_stats(servers: dict[str, Counters]) -> dict[str, Any]:
+    """What the servers' counters say about a step: hit rate, preemptions, each endpoint's share."""
+    requests = {e: c.get("requests", 0.0) for e, c in servers.items()}
+    total = sum(requests.values())
+    queries = sum(c.get("queries", 0.0) for c in servers.values())
+    hits = sum(c.get("hits", 0.0) for c in servers.values())
+    share = {e: (n / total if total else 0.0) for e, n in sorted(requests.items())}
+    return {
+        "hit_rate_server": hits / queries if queries else 0.0,
+        "preemptions": sum(c.get("preemptions", 0.0) for c in servers.values()),
+        "endpoint_share": share,
+        "hotspot": len(share) * max(share.values()) if share and total else float("nan"),
+    }
+
+
+def gateway_stats(cpu_s: float | None, rss: int | None, ok: int, real_span_s: float) -> dict[str, Any]:
+    """The gateway's CPU (cores busy, ms per successful request) and resident memory over a step."""
+    return {
+        "gateway_cpu_cores": (cpu_s / real_span_s) if cpu_s is not None and real_span_s > 0 else None,
+        "gateway_cpu_ms_per_request": (cpu_s * 1000 / ok) if cpu_s is not None and ok else None,
+        "gateway_rss_mib": rss / 2**20 if rss is not None else None,
+    }
+
+
 def step_stats(
     sent: list[Sent], servers: dict[str, Counters], *, dilation: float, cpu_s: float | None, rss: int | None
 ) -> dict[str, Any]:
@@ -102,16 +129,11 @@ def step_stats(
     tokens = sum(s.result.output_tokens for s in ok)
     prompt = sum(s.result.prompt_tokens for s in ok)
     cached = sum(s.result.cached_tokens for s in ok)
-    requests = {e: c.get("requests", 0.0) for e, c in servers.items()}
-    total_requests = sum(requests.values())
-    queries = sum(c.get("queries", 0.0) for c in servers.values())
-    hits = sum(c.get("hits", 0.0) for c in servers.values())
     errors: dict[str, int] = {}
     for s in sent:
         if not s.result.ok:
             key = f"{s.result.status} {(s.result.error or '')[:60]}".strip()
             errors[key] = errors.get(key, 0) + 1
-    share = {e: (n / total_requests if total_requests else 0.0) for e, n in sorted(requests.items())}
     return {
         "requests": len(sent),
         "ok": len(ok),
@@ -124,13 +146,8 @@ def step_stats(
         "itl_s": {"p50": percentile(itl, 50), "p90": percentile(itl, 90)},
         "e2e_s": {"p50": percentile(e2e, 50), "p90": percentile(e2e, 90), "p99": percentile(e2e, 99)},
         "hit_rate_usage": cached / prompt if prompt else 0.0,
-        "hit_rate_server": hits / queries if queries else 0.0,
-        "preemptions": sum(c.get("preemptions", 0.0) for c in servers.values()),
-        "endpoint_share": share,
-        "hotspot": len(share) * max(share.values()) if share and total_requests else float("nan"),
-        "gateway_cpu_cores": (cpu_s / (end or float("nan"))) if cpu_s is not None else None,
-        "gateway_cpu_ms_per_request": (cpu_s * 1000 / len(ok)) if cpu_s is not None and ok else None,
-        "gateway_rss_mib": rss / 2**20 if rss is not None else None,
+        **server_stats(servers),
+        **gateway_stats(cpu_s, rss, len(ok), end),
     }
 
 
@@ -173,17 +190,29 @@ async def _run_arm(
         if bad == len(warm) and warm:
             raise RuntimeError(f"{spec.name}: every warm-up request failed, e.g. {warm[0].result.error}")
         saturated_at: float | None = None
-        for qps, requests in steps:
+        for i, (qps, requests) in enumerate(steps):
             if saturated_at is not None:
                 result["steps"].append({"qps": qps, "skipped": f"saturated at {saturated_at:g} QPS"})
                 continue
             before = await scrape_counters(endpoints)
             cpu0 = _cpu(pids)
             t0 = time.perf_counter()
-            sent = await run_open_loop(arm.base_url, requests, dilation=d, drain_s=opts.drain_factor * opts.step_s * d)
-            cpu = _cpu(pids) - cpu0
-            after = await scrape_counters(endpoints)
-            stats = step_stats(sent, counter_delta(before, after), dilation=d, cpu_s=cpu, rss=_rss(pids))
+            if opts.load == "inference-perf":
+                stats = await run_ip_step(
+                    base_url=arm.base_url, model=opts.fleet.model, qps=qps, step_s=opts.step_s, dilation=d,
+                    data=shared_prefix_shape(opts.workload, opts.fleet.kv_tokens), seed=opts.seed + i,
+                    workdir=workdir / f"ip-{_slug(spec.name)}-{i}", log=log,
+                )  # fmt: skip
+                cpu = _cpu(pids) - cpu0
+                after = await scrape_counters(endpoints)
+                stats |= server_stats(counter_delta(before, after))
+                stats |= gateway_stats(cpu, _rss(pids), stats["ok"], time.perf_counter() - t0)
+            else:
+                drain = opts.drain_factor * opts.step_s * d
+                sent = await run_open_loop(arm.base_url, requests, dilation=d, drain_s=drain)
+                cpu = _cpu(pids) - cpu0
+                after = await scrape_counters(endpoints)
+                stats = step_stats(sent, counter_delta(before, after), dilation=d, cpu_s=cpu, rss=_rss(pids))
             stats["qps"] = qps
             stats["wall_s"] = time.perf_counter() - t0
             result["steps"].append(stats)
@@ -243,6 +272,7 @@ async def run_compare(opts: CompareOptions, *, log: Callable[[str], None] = prin
             "warmup_s": opts.warmup_s,
             "warmup_qps": warm_qps,
             "seed": opts.seed,
+            "load": opts.load,
         },
         "fleet": opts.fleet.describe(),
         "options": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(opts).items() if k != "arms"},
