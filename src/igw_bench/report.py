@@ -19,6 +19,10 @@ def _num(value: float | None, fmt: str) -> str:
     return format(value, fmt)
 
 
+def _ratio(value: float) -> str:
+    return "-" if math.isnan(value) else f"{value:.2f}x"
+
+
 def _secs(value: float | None) -> str:
     if value is None or math.isnan(value):
         return "-"
@@ -94,7 +98,7 @@ def format_markdown(report: dict[str, Any], *, reference: str | None = None) -> 
                     else math.nan
                 )
                 ttft = own["ttft_s"]["p90"] / theirs["ttft_s"]["p90"] if theirs["ttft_s"]["p90"] else math.nan
-                cells.append(f"{_num(tok, '.2f')}x · {_num(ttft, '.2f')}x")
+                cells.append(f"{_ratio(tok)} · {_ratio(ttft)}")
             lines.append(f"| {q:g} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -133,7 +137,7 @@ def write_report(report: dict[str, Any], out_dir: Path) -> list[Path]:
     stamp = report["started"].replace("-", "").replace(":", "").replace("+0000", "Z")
     stem = out_dir / f"compare-{name}-{stamp}"
     json_path = stem.with_suffix(".json")
-    json_path.write_bytes(orjson.dumps(report, option=orjson.OPT_INDENT_2 | orjson.OPT_SERIALIZE_NUMPY))
+    json_path.write_bytes(orjson.dumps(report, default=str, option=orjson.OPT_INDENT_2))
     md_path = stem.with_suffix(".md")
     md_path.write_text(format_markdown(report))
     return [json_path, md_path, plot(report, stem.with_suffix(".png"))]
