@@ -54,7 +54,8 @@ async def send(http: aiohttp.ClientSession, base_url: str, spec: RequestSpec, *,
     tokens = 0
     pieces: list[str] = []
     try:
-        async with http.post(base_url + spec.path, data=orjson.dumps(spec.body), headers=spec.headers) as resp:
+        headers = {"content-type": "application/json", **spec.headers}
+        async with http.post(base_url + spec.path, data=orjson.dumps(spec.body), headers=headers) as resp:
             endpoint = resp.headers.get("x-igw-sim-endpoint")
             if resp.status != 200:
                 text = await resp.text()
