@@ -52,6 +52,7 @@ from __future__ import annotations
 import heapq
 import math
 from collections import OrderedDict, deque
+from typing import Final, final
 
 from igw_sim.config import EngineConfig
 from igw_sim.replay.requests import SimRequest
@@ -60,6 +61,11 @@ from igw_sim.replay.results import Recorder
 __all__ = ["FastEngine", "RejectedError"]
 
 _WAITING, _PREFILL, _DECODE, _DONE = 0, 1, 2, 3
+_SEQ_BITS: Final = 32
+_SEQ_MASK: Final = (1 << _SEQ_BITS) - 1
+# Compiled, a Final module attribute is a C static: no lookup of ``heapq`` and its attribute per call.
+_heappush: Final = heapq.heappush
+_heappop: Final = heapq.heappop
 
 
 class RejectedError(Exception):
@@ -70,20 +76,32 @@ class RejectedError(Exception):
         self.status = status
 
 
+@final
 class _Node:
-    """Cache state of one trie node in one engine."""
+    """Cache state of one trie node in one engine, or a run of plain blocks; while nobody holds it, an
+    entry of the engine's free queue (a doubly linked list through ``prev`` and ``next``)."""
 
-    __slots__ = ("n", "owner", "ref")
+    __slots__ = ("key", "n", "next", "owner", "plain", "prev", "ref")
 
-    def __init__(self) -> None:
+    def __init__(self, key: int, head: _Node | None) -> None:
+        self.key = key
+        """The node id (``FastEngine.nodes``'s key); 0 for a plain run."""
         self.n = 0
-        """Cached (materialised) blocks of the node, from its first block."""
+        """Cached (materialised) blocks of the node, from its first block; the blocks of a plain run."""
         self.ref = 0
         """Running requests that hold its blocks."""
         self.owner: _Req | None = None
         """The decoding request whose output this is: ``n`` then lags its progress (see ``_sync``)."""
+        self.plain = False
+        """A run of blocks without cached content (never used, or a sequence's partial last block)."""
+        # Out of the queue, both point at the queue's head (the sentinel, which points at itself when the
+        # queue is empty): never ``None``, and never a reference cycle once unlinked.
+        link = head if head is not None else self
+        self.prev: _Node = link
+        self.next: _Node = link
 
 
+@final
 class _Req:
     """One request inside one :class:`FastEngine`."""
 
@@ -101,41 +119,56 @@ class _Req:
         "generated",
         "hi",
         "k0",
-        "lo",
         "nodes",
         "nref",
         "num_tokens",
         "out",
+        "out_hi",
+        "out_lo",
         "partial",
         "res",
         "seq",
         "sim",
         "state",
+        "step_new",
+        "sts",
     )
 
     def __init__(self, sim: SimRequest, block_size: int, caching: bool) -> None:
         self.sim = sim
-        nodes: list[int] = []
-        lo: list[int] = []
         hi: list[int] = []
         first = 0
         ends = sim.ends
+        all_nodes = sim.nodes
+        count = len(all_nodes)
         out = False
-        for i, node in enumerate(sim.nodes):
+        for i in range(count):
             stop = ends[i] // block_size
             if stop > first:  # nodes that own no full block play no part in the cache
-                nodes.append(node if caching else -(sim.request_id * 4096 + i) - 1)
-                lo.append(first)
                 hi.append(stop)
                 out = True
             else:
                 out = False
             first = stop
+        if caching and len(hi) == count:
+            self.nodes = all_nodes  # the usual case: no copy
+        else:
+            nodes: list[int] = []
+            first = 0
+            for i in range(count):
+                stop = ends[i] // block_size
+                if stop > first:
+                    nodes.append(all_nodes[i] if caching else -(sim.request_id * 4096 + i) - 1)
+                first = stop
+            self.nodes = tuple(nodes)
+        """The nodes that own a full block (the others play no part in the cache)."""
+        self.hi = hi
+        """Node ``i`` owns blocks ``[hi[i - 1], hi[i])`` (from 0 for the first node)."""
         self.out = out
         """The last node is the output's."""
-        self.nodes = nodes
-        self.lo = lo
-        self.hi = hi
+        self.out_hi = hi[-1] if out else 0
+        self.out_lo = (hi[-2] if len(hi) > 1 else 0) if out else 0
+        """The output node's blocks (when ``out``)."""
         self.num_tokens = sim.prompt_tokens
         self.computed = 0
         self.alloc = 0
@@ -152,6 +185,10 @@ class _Req:
         """Blocks it has filled by decoding that extended its output node (the others are copies)."""
         self.nref = 0
         """Nodes ``[0, nref)`` are held."""
+        self.sts: list[_Node] = []
+        """The states of the nodes it holds (``nref`` of them): held nodes are never evicted."""
+        self.step_new = 0
+        """Tokens it computes in the step in flight (when in ``FastEngine._sched``)."""
         self.generated = 0
         self.state = _WAITING
         self.cached = -1
@@ -160,6 +197,11 @@ class _Req:
         self.k0 = self.c0 = self.res = self.finish_k = 0
 
 
+_NO_REQS: Final[list[_Req]] = []
+"""The (shared, never filled) schedule of a decode-only step."""
+
+
+@final
 class FastEngine:
     """One engine in virtual time (see the module docstring). Single-threaded; times in simulated seconds.
 
@@ -199,10 +241,9 @@ class FastEngine:
         # cache
         self.free = 0
         self.nodes: dict[int, _Node] = {}
-        self.lru: OrderedDict[int, None] = OrderedDict()
-        """The free queue, front first: cached nodes (by node id) and runs of plain blocks (keys >= 2**64)."""
-        self.plain: dict[int, int] = {}
-        self._plain_key = 1 << 64
+        self.head = _Node(0, None)
+        """The free queue's sentinel: ``head.next`` is its front, ``head.prev`` its back. Its entries are
+        cached nodes nobody holds and runs of plain blocks (vLLM's free block queue, run-length)."""
         self._free_plain(self.num_blocks)
         # scheduler
         self.predictions = predictions
@@ -216,18 +257,28 @@ class FastEngine:
         self.n_dec = 0
         self.ctx = 0
         self.hist = [0] * self.bs
-        self.heap: list[tuple[int, int, _Req]] = []
+        self.heap: list[int] = []
+        """Finish counters of the decoders, ``finish_k << 32 | seq`` (ordered as ``(finish_k, seq)``), and
+        stale ones of requests that left; ``by_seq`` maps each entry's ``seq`` to its request."""
+        self.by_seq: dict[int, _Req] = {}
         self._seq = 0
         # the step in flight
         self._inflight = False
         self._start = 0.0
         self._end = 0.0
         self._next: float | None = None
-        self._sched: list[tuple[_Req, int]] = []
+        self._sched: list[_Req] = _NO_REQS
+        """The requests that compute tokens in the step in flight (``step_new`` each)."""
         self._step_dec = 0
-        self._head_hit: tuple[_Req, int, int, int, int, int] | None = None
-        """The last :meth:`_stable` look at the head of the queue: ``(request, hit blocks, dup, evicted
-        blocks then, tokens it would hold, free blocks that takes)``."""
+        # The last :meth:`_stable` look at the head of the queue (``_hh_req``, ``None`` when none): its hit
+        # blocks, duplicate blocks, the evicted blocks then, the tokens it would hold and the free blocks
+        # that takes.
+        self._hh_req: _Req | None = None
+        self._hh_blocks = 0
+        self._hh_dup = 0
+        self._hh_evicted = 0
+        self._hh_total = 0
+        self._hh_need = 0
         # LoRA: adapters resident in slots (least recently used first), and the decoders' adapters
         self.resident_loras: OrderedDict[str, None] = OrderedDict()
         self.decoding_loras: dict[str, int] = {}
@@ -269,12 +320,15 @@ class FastEngine:
         states = self.nodes
         blocks = 0
         start = 0
-        for node, end in zip(request.nodes[:-1], request.ends, strict=False):
+        nodes = request.nodes
+        ends = request.ends
+        for i in range(len(nodes) - 1):
+            end = ends[i]
             first, stop = start // bs, end // bs
             start = end
             if stop == first:
                 continue
-            st = states.get(node)
+            st = states.get(nodes[i])
             if st is None:
                 break
             if st.owner is not None:
@@ -314,7 +368,7 @@ class FastEngine:
         prefill = steps * step_s
         short = len(self.running) + len(self.waiting) + 1 - cfg.max_num_seqs
         if short > 0:
-            left = sorted(fk - self.K for fk, _, r in self.heap if r.state == _DECODE and r.finish_k == fk)
+            left = sorted(fk - self.K for fk, r in self._decoders())
             decode_s = self.profile.step_ms(prefill_tokens=0, decode_seqs=self.n_dec, context_tokens=self.ctx) / 1000.0
             steps_left = left[short - 1] if short <= len(left) else (left[-1] if left else 0) * 2 + 1
             slot = steps_left * decode_s + (-(-mine // chunk)) * step_s
@@ -371,13 +425,10 @@ class FastEngine:
         else:
             return math.inf
         if not self.n_dec or self.prefilling is not None or self._sched or not self._stable():
-            self._head_hit = None
+            self._hh_req = None
             return self._end if self._inflight else base
-        self._head_hit = None
-        heap = self.heap
-        while heap and (heap[0][2].state != _DECODE or heap[0][2].finish_k != heap[0][0]):
-            heapq.heappop(heap)
-        left = heap[0][0] - self.K - pending
+        self._hh_req = None
+        left = self._first_finish() - self.K - pending
         if left <= 0:
             return self._end if self._inflight else base
         a = (
@@ -400,19 +451,23 @@ class FastEngine:
         number of free blocks.)
         """
         states = self.nodes
+        nodes = r.nodes
+        hi = r.hi
         blocks = 0
+        first = 0
         last: _Node | None = None
-        for node, first, stop in zip(r.nodes, r.lo, r.hi, strict=True):
-            st = states.get(node)
+        for i in range(len(nodes)):
+            st = states.get(nodes[i])
             if st is None:
                 break
             if st.owner is not None:
                 self._sync(st, st.owner)
             last = st
+            stop = hi[i]
             if st.n < stop - first:
                 blocks = first + st.n
                 break
-            blocks = stop
+            blocks = first = stop
         cap = (r.num_tokens - 1) // self.bs
         if blocks <= cap:
             return blocks, 0
@@ -426,15 +481,17 @@ class FastEngine:
         full = new_total // self.bs
         need = (1 if new_total % self.bs else 0) - r.partial
         states = self.nodes
-        nodes, lo, hi = r.nodes, r.lo, r.hi
+        nodes, hi = r.nodes, r.hi
         nref = r.nref
         i = nref - 1 if nref else 0
+        first = hi[i - 1] if i else 0
         while i < len(nodes):
-            first = lo[i]
             if first >= full:
                 break
-            target = min(hi[i], full) - first
-            st = states.get(nodes[i])
+            stop = hi[i]
+            target = (stop if stop < full else full) - first
+            first = stop
+            st = r.sts[i] if i < nref else states.get(nodes[i])
             if st is None:
                 need += target
             else:
@@ -449,27 +506,37 @@ class FastEngine:
         """Hold KV slots for ``new_total`` tokens of ``r`` (the caller checked :meth:`_need`)."""
         full = new_total // self.bs
         states = self.nodes
-        lru = self.lru
-        nodes, lo, hi = r.nodes, r.lo, r.hi
+        head = self.head
+        nodes, hi = r.nodes, r.hi
+        sts = r.sts
         old = r.nref
         # From the last node it holds (which may grow), through the new ones it starts.
         i = old - 1 if old else 0
+        first = hi[i - 1] if i else 0
         ext = 0
         count = len(nodes)
-        while i < count and lo[i] < full:
-            node = nodes[i]
+        while i < count and first < full:
             st: _Node | None
             if i < old:
-                st = states[node]
+                st = sts[i]
             else:
+                node = nodes[i]
                 st = states.get(node)
                 if st is None:
-                    st = states[node] = _Node()
+                    st = states[node] = _Node(node, head)
                 elif st.ref == 0 and st.n:
-                    del lru[node]
+                    # Reclaimed from the free queue.
+                    prev = st.prev
+                    nxt = st.next
+                    prev.next = nxt
+                    nxt.prev = prev
+                    st.prev = st.next = head
                     self.free -= st.n
                 st.ref += 1
-            target = min(hi[i], full) - lo[i]
+                sts.append(st)
+            stop = hi[i]
+            target = (stop if stop < full else full) - first
+            first = stop
             if target > st.n:
                 ext += target - st.n
                 st.n = target
@@ -487,29 +554,23 @@ class FastEngine:
     def _take(self, k: int) -> None:
         """Take ``k`` free blocks from the front of the free queue, evicting the cached ones taken."""
         self.free -= k
-        lru = self.lru
-        plain = self.plain
-        states = self.nodes
+        head = self.head
         while k:
-            key = next(iter(lru))
-            count = plain.get(key)
-            if count is not None:
-                if count > k:
-                    plain[key] = count - k
-                    return
-                k -= count
-                del plain[key]
-                del lru[key]
-                continue
-            st = states[key]
-            if st.n > k:
-                st.n -= k
-                self.evicted_blocks += k
+            e = head.next
+            n = e.n
+            if n > k:
+                e.n = n - k
+                if not e.plain:
+                    self.evicted_blocks += k
                 return
-            k -= st.n
-            self.evicted_blocks += st.n
-            del lru[key]
-            del states[key]
+            k -= n
+            nxt = e.next
+            head.next = nxt
+            nxt.prev = head
+            e.prev = e.next = head
+            if not e.plain:
+                self.evicted_blocks += n
+                del self.nodes[e.key]
 
     def _free_plain(self, k: int, front: bool = False) -> None:
         """Put ``k`` blocks that hold no cached content in the free queue: at the back, or at the ``front``
@@ -517,18 +578,22 @@ class FastEngine:
         if k <= 0:
             return
         self.free += k
-        lru = self.lru
-        if lru:
-            end = next(iter(lru)) if front else next(reversed(lru))
-            if end in self.plain:
-                self.plain[end] += k
-                return
-        key = self._plain_key
-        self._plain_key += 1
-        self.plain[key] = k
-        lru[key] = None
+        head = self.head
+        end = head.next if front else head.prev
+        if end.plain:  # the sentinel is not plain: an empty queue gets a new run
+            end.n += k
+            return
+        e = _Node(0, head)
+        e.plain = True
+        e.n = k
         if front:
-            lru.move_to_end(key, last=False)
+            e.next = end
+            head.next = e
+            end.prev = e
+        else:
+            e.prev = end
+            head.prev = e
+            end.next = e
 
     def _release(self, r: _Req) -> None:
         """Give back ``r``'s blocks, last first; cached ones stay cached until evicted."""
@@ -539,22 +604,31 @@ class FastEngine:
 
     def _unref_nodes(self, r: _Req) -> None:
         """Drop ``r``'s references to its nodes, last first: a node nobody holds any more stays cached
-        (LRU, evictable) or, with caching off, is freed."""
-        states = self.nodes
-        lru = self.lru
-        caching = self.caching
-        nodes = r.nodes
-        for i in range(r.nref - 1, -1, -1):
-            node = nodes[i]
-            st = states[node]
-            st.ref -= 1
-            if st.ref == 0:
-                if st.n and caching:
-                    lru[node] = None
-                    self.free += st.n
-                else:
+        (at the back of the free queue, evictable) or, with caching off, is freed."""
+        sts = r.sts
+        if self.caching:
+            head = self.head
+            for i in range(r.nref - 1, -1, -1):
+                st = sts[i]
+                st.ref -= 1
+                if st.ref == 0:
+                    if st.n:
+                        last = head.prev
+                        st.prev = last
+                        st.next = head
+                        last.next = st
+                        head.prev = st
+                        self.free += st.n
+                    else:
+                        del self.nodes[st.key]
+        else:
+            for i in range(r.nref - 1, -1, -1):
+                st = sts[i]
+                st.ref -= 1
+                if st.ref == 0:
                     self._free_plain(st.n, front=True)  # caching is off: no block has a hash
-                    del states[node]
+                    del self.nodes[st.key]
+        sts.clear()
         r.nref = 0
         r.alloc = 0
 
@@ -563,7 +637,7 @@ class FastEngine:
     def _sync(self, st: _Node, owner: _Req) -> None:
         """Bring a decoding request's output node up to the blocks its tokens filled so far (vLLM caches
         each block of generated tokens as soon as it is full, so a later request can hit it)."""
-        target = min((owner.c0 + self.K - owner.k0) // self.bs, owner.hi[-1]) - owner.lo[-1]
+        target = min((owner.c0 + self.K - owner.k0) // self.bs, owner.out_hi) - owner.out_lo
         if target > st.n:
             owner.absorbed += target - st.n
             st.n = target
@@ -587,12 +661,12 @@ class FastEngine:
         r.alloc = c
         r.partial = 1 if c % self.bs else 0
         if r.out:
-            st = self.nodes[r.nodes[-1]]
+            st = r.sts[-1]  # it holds its output node while it decodes
             self._sync(st, r)
             st.owner = None
             # Output blocks it filled that another request had already computed (quoting the answer
             # while it was generated) are private copies.
-            own = max(min(c // self.bs, r.hi[-1]) - r.lo[-1], 0)
+            own = max(min(c // self.bs, r.out_hi) - r.out_lo, 0)
             r.dup += own - r.base - r.absorbed
 
     def _finish(self, r: _Req, now: float) -> None:
@@ -601,7 +675,6 @@ class FastEngine:
         The decoder's exit (:meth:`_leave`) and :meth:`_release` inlined: this runs once per request.
         """
         bs = self.bs
-        states = self.nodes
         if r.state == _DECODE:
             steps = self.K - r.k0
             c = r.c0 + steps
@@ -620,8 +693,8 @@ class FastEngine:
             partial = 1 if c % bs else 0
             plain = r.dup
             if r.out:
-                st = states[r.nodes[-1]]
-                own = min(c // bs, r.hi[-1]) - r.lo[-1]
+                st = r.sts[-1]  # it holds its output node while it decodes
+                own = min(c // bs, r.out_hi) - r.out_lo
                 if own > st.n:  # vLLM cached each block of generated tokens as it filled (see _sync)
                     r.absorbed += own - st.n
                     st.n = own
@@ -673,7 +746,12 @@ class FastEngine:
         total = hit + min(head.num_tokens - hit, self.max_num_batched_tokens - self.n_dec)
         need = self._need(head, total)
         # _plan, called next when this is False, reuses the lookup unless its decoders evict something.
-        self._head_hit = (head, blocks, dup, self.evicted_blocks, total, need)
+        self._hh_req = head
+        self._hh_blocks = blocks
+        self._hh_dup = dup
+        self._hh_evicted = self.evicted_blocks
+        self._hh_total = total
+        self._hh_need = need
         return need + dup > self.free - self.hist[(-self.K) % self.bs]
 
     def _decode(self, s: float, t: float) -> float | None:
@@ -694,13 +772,9 @@ class FastEngine:
             p.step_overhead_ms, p.weights_ms, p.ms_per_token, p.ms_per_decode_seq, p.ms_per_kv_ktoken,
         )  # fmt: skip
         waiting = self.waiting
-        self._head_hit = None
+        self._hh_req = None
         while True:
-            while True:
-                fk, _, r = heap[0]
-                if r.state == _DECODE and r.finish_k == fk:
-                    break
-                heapq.heappop(heap)
+            fk = self._first_finish()
             k0 = self.K
             n = self.n_dec
             j = fk - k0  # up to the step that finishes the first request (>= 1)
@@ -766,17 +840,15 @@ class FastEngine:
                 # The step in flight at t: decode only (the driver submits arrivals after this).
                 if self.decoding_loras:
                     self._load_loras(set(self.decoding_loras))
-                self._sched = []
+                self._sched = _NO_REQS
                 self._step_dec = n
                 self._inflight = True
                 self._start = s
                 self._end = s + (a + b * j)
                 self._next = s
                 return None
-            while heap and heap[0][0] <= k:
-                fk, _, r = heapq.heappop(heap)
-                if r.state == _DECODE and r.finish_k == fk:
-                    self._finish(r, s)
+            if heap[0] >> _SEQ_BITS <= k:
+                self._finish_until(k, s)
             if not self.n_dec or waiting:
                 self._next = s
                 return None
@@ -786,10 +858,10 @@ class FastEngine:
         cfg = self.config
         bs = self.bs
         budget = self.max_num_batched_tokens - self.n_dec
-        head_hit = self._head_hit
-        self._head_hit = None
+        head_hit = self._hh_req
+        self._hh_req = None
         dec_need = self.hist[(-self.K) % bs] if self.n_dec else 0
-        sched: list[tuple[_Req, int]] = []
+        sched: list[_Req] = []
         p = self.prefilling
         p_new = 0
         p_need = 0
@@ -814,7 +886,8 @@ class FastEngine:
             self._take(dec_need)
         if p is not None and p_new:
             self._grow(p, p.computed + p_new)
-            sched.append((p, p_new))
+            p.step_new = p_new
+            sched.append(p)
             budget -= p_new
         loras: set[str] | None = None
         if self.lora_mode:
@@ -832,11 +905,13 @@ class FastEngine:
                 if loras is not None and lora is not None and lora not in loras and len(loras) >= cfg.max_loras:
                     skipped.append(waiting.popleft())  # vLLM skips it and keeps looking behind it
                     continue
-                if head_hit is not None and head_hit[0] is r and head_hit[3] == self.evicted_blocks:
-                    _, blocks, dup, _, total, need = head_hit
+                if head_hit is r and self._hh_evicted == self.evicted_blocks:
+                    blocks = self._hh_blocks
+                    dup = self._hh_dup
+                    need = self._hh_need
                     hit = blocks * bs
                     num_new = min(r.num_tokens - hit, budget)
-                    if hit + num_new != total:
+                    if hit + num_new != self._hh_total:
                         need = self._need(r, hit + num_new)
                 else:
                     blocks, dup = self._lookup(r)
@@ -854,8 +929,10 @@ class FastEngine:
                     self._take(dup)
                 r.computed = hit
                 r.state = _PREFILL
-                self._seq += 1
-                r.seq = self._seq
+                seq = self._seq = self._seq + 1
+                if seq > _SEQ_MASK:
+                    raise OverflowError("more than 2**32 admissions in one engine")
+                r.seq = seq
                 running[r] = None
                 if r.cached < 0:
                     r.cached = hit
@@ -863,7 +940,8 @@ class FastEngine:
                     self.prefix_hits += hit
                 if num_new < r.num_tokens - hit:
                     self.prefilling = r
-                sched.append((r, num_new))
+                r.step_new = num_new
+                sched.append(r)
                 budget -= num_new
                 if loras is not None and lora is not None:
                     loras.add(lora)
@@ -876,7 +954,8 @@ class FastEngine:
         prefill = 0
         resumed = 0
         ctx = self.ctx
-        for r, num_new in sched:
+        for r in sched:
+            num_new = r.step_new
             if num_new == 1 and r.generated and r.computed == r.num_tokens - 1:
                 resumed += 1  # a preempted decoder whose whole context hit: a decode seq (as EngineCore counts it)
             else:
@@ -930,19 +1009,17 @@ class FastEngine:
             self.ctx += n
             self.generation_tokens += n
             heap = self.heap
-            while heap and heap[0][0] <= k:
-                fk, _, r = heapq.heappop(heap)
-                if r.state == _DECODE and r.finish_k == fk:
-                    self._finish(r, now)
+            if heap and heap[0] >> _SEQ_BITS <= k:
+                self._finish_until(k, now)
         sched = self._sched
         if not sched:
             return
-        self._sched = []
+        self._sched = _NO_REQS
         bs = self.bs
-        for r, num_new in sched:
+        for r in sched:
             if r.state != _PREFILL:
                 continue
-            c = r.computed = r.computed + num_new
+            c = r.computed = r.computed + r.step_new
             if c < r.num_tokens:
                 continue  # a chunk of a long prompt: no token yet
             if self.prefilling is r:
@@ -957,22 +1034,27 @@ class FastEngine:
                 continue
             # It joins the decoders: one token per step from the next step on.
             if r.out:
-                node = r.nodes[-1]
                 if r.nref < len(r.nodes):  # hold the output node, which decoding fills block by block
+                    node = r.nodes[-1]
                     st = self.nodes.get(node)
                     if st is None:
-                        st = self.nodes[node] = _Node()
+                        st = self.nodes[node] = _Node(node, self.head)
                     elif st.ref == 0 and st.n:  # a stale copy of this output: drop it
-                        del self.lru[node]
+                        prev = st.prev
+                        nxt = st.next
+                        prev.next = nxt
+                        nxt.prev = prev
+                        st.prev = st.next = self.head
                         self.free -= st.n
                         self._free_plain(st.n)
                         st.n = 0
                     st.ref += 1
+                    r.sts.append(st)
                     r.nref = len(r.nodes)
                 else:
-                    st = self.nodes[node]
+                    st = r.sts[-1]
                 st.owner = r
-                r.base = max(min(c // bs, r.hi[-1]) - r.lo[-1], 0)
+                r.base = max(min(c // bs, r.out_hi) - r.out_lo, 0)
                 r.absorbed = 0
             r.state = _DECODE
             lora = r.sim.lora
@@ -986,4 +1068,40 @@ class FastEngine:
             self.n_dec += 1
             self.ctx += c
             fk = r.finish_k = k + r.sim.output_tokens - r.generated
-            heapq.heappush(self.heap, (fk, r.seq, r))
+            _heappush(self.heap, fk << _SEQ_BITS | r.seq)
+            self.by_seq[r.seq] = r
+
+    def _first_finish(self) -> int:
+        """The finish counter of the first decoder to finish (stale entries on top are dropped)."""
+        heap = self.heap
+        by_seq = self.by_seq
+        while True:
+            key = heap[0]
+            fk = key >> _SEQ_BITS
+            r = by_seq[key & _SEQ_MASK]
+            if r.state == _DECODE and r.finish_k == fk:
+                return fk
+            _heappop(heap)
+            del by_seq[key & _SEQ_MASK]
+
+    def _finish_until(self, k: int, now: float) -> None:
+        """Finish, at ``now``, the decoders whose finish counter is ``k`` or less, in ``(finish_k, seq)`` order."""
+        heap = self.heap
+        by_seq = self.by_seq
+        limit = (k + 1) << _SEQ_BITS
+        while heap and heap[0] < limit:
+            key = _heappop(heap)
+            r = by_seq.pop(key & _SEQ_MASK)
+            if r.state == _DECODE and r.finish_k == key >> _SEQ_BITS:
+                self._finish(r, now)
+
+    def _decoders(self) -> list[tuple[int, _Req]]:
+        """``(finish_k, request)`` of every decoder (heap order)."""
+        out: list[tuple[int, _Req]] = []
+        by_seq = self.by_seq
+        for key in self.heap:
+            fk = key >> _SEQ_BITS
+            r = by_seq[key & _SEQ_MASK]
+            if r.state == _DECODE and r.finish_k == fk:
+                out.append((fk, r))
+        return out

@@ -20,6 +20,7 @@ owns blocks ``ends[i-1] // bs`` to ``ends[i] // bs - 1`` (see :func:`owned_block
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Final
 
 import xxhash
 
@@ -29,7 +30,9 @@ Segment = tuple[str, int]
 """``(key, length in tokens)``: one named run of prompt tokens."""
 
 
-_MASK = (1 << 64) - 1
+_MASK: Final = (1 << 64) - 1
+# Compiled, a Final module attribute is a C static: no lookup of ``xxhash`` and its attribute per call.
+_xxh3_64_intdigest: Final = xxhash.xxh3_64_intdigest
 
 
 def node_id(parent: int, key: str, length: int) -> int:
@@ -37,7 +40,7 @@ def node_id(parent: int, key: str, length: int) -> int:
 
     A key names one token sequence of one length: the same key with another length is another node.
     """
-    return int(xxhash.xxh3_64_intdigest(key, (parent ^ (length * 0x9E3779B97F4A7C15)) & _MASK))
+    return int(_xxh3_64_intdigest(key, (parent ^ (length * 0x9E3779B97F4A7C15)) & _MASK))
 
 
 def _root(lora: str | None) -> int:

@@ -47,9 +47,9 @@ import math
 import random
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
-from typing import Protocol
+from typing import Protocol, final
 
-from igw_sim.replay.requests import SimRequest, chunk_runs
+from igw_sim.replay.requests import SimRequest
 
 __all__ = [
     "ROUTERS",
@@ -259,70 +259,205 @@ def _max_of(values: list[int]) -> int:
     return high
 
 
+@final
+class _Held:
+    """That one engine holds chunks of one node, in :class:`_ChunkIndex`: an entry of the engine's LRU
+    list (``prev``/``next``, through the engine's sentinel) and of the node's list of holders
+    (``hprev``/``hnext``, ``None`` at its ends)."""
+
+    __slots__ = ("count", "engine", "hnext", "hprev", "next", "node", "prev")
+
+    def __init__(self, node: int, engine: int, count: int, head: _Held | None) -> None:
+        self.node = node
+        self.engine = engine
+        self.count = count
+        # Out of the LRU list, both point at the sentinel (itself, for the sentinel): never ``None``, and
+        # no reference cycle once unlinked.
+        link = head if head is not None else self
+        self.prev: _Held = link
+        self.next: _Held = link
+        self.hprev: _Held | None = None
+        self.hnext: _Held | None = None
+
+
+@final
 class _ChunkIndex:
-    """Per-engine LRU of chunk runs ``node -> chunks`` and the reverse index ``node -> {engine: chunks}``."""
+    """Per-engine LRU of chunk runs ``node -> chunks``, and the holders of every node.
+
+    An engine's runs are :class:`_Held` entries, ordered least recently used first in a list through the
+    engine's sentinel ``heads[engine]``; ``holders[node]`` is the first of the node's entries, which are
+    linked to each other (one per engine that holds the node, in no particular order: a node has few
+    holders, and one dict of every node is cheaper than one per engine). Routing a request is :meth:`cut`
+    (its runs, into ``run_nodes``/``run_counts``), :meth:`match`, then :meth:`insert` for the chosen
+    engine: the lists are reused, so a request allocates nothing but the entries of the runs it adds.
+    """
 
     def __init__(self, engines: int, capacity: int) -> None:
         self.capacity = capacity
-        self.lru: list[OrderedDict[int, int]] = [OrderedDict() for _ in range(engines)]
+        self.heads = [_Held(0, e, 0, None) for e in range(engines)]
         self.size = [0] * engines
-        self.holders: dict[int, dict[int, int]] = {}
+        self.holders: dict[int, _Held] = {}
+        self.run_nodes: list[int] = []
+        self.run_counts: list[int] = []
+        self.m_engines: list[int] = []
+        """The engines that :meth:`match` found (each once, in no particular order)."""
+        self.m_counts: list[int] = []
+        """Chunks matched from the start of the prompt, per engine of ``m_engines``."""
+        # In :meth:`match`: an engine still matches whole runs while its stamp is the current generation,
+        # and its entry in the lists is at ``_pos``.
+        self._stamp = [0] * engines
+        self._pos = [0] * engines
+        self._gen = 0
 
-    def match(self, runs: list[tuple[int, int]]) -> dict[int, int]:
-        """Chunks matched from the start of the prompt, per engine that matches at least one."""
-        matched: dict[int, int] = {}
-        alive: list[int] = []
-        first = True
-        holders = self.holders
-        for node, count in runs:
-            have = holders.get(node)
-            if not have:
+    def cut(self, request: SimRequest, chunk_tokens: int, max_chunks: int) -> int:
+        """``chunk_runs(request, chunk_tokens, partial=True, max_chunks=max_chunks)`` into ``run_nodes`` and
+        ``run_counts`` (the same runs, computed the same way); returns the chunks in all."""
+        nodes = self.run_nodes
+        counts = self.run_counts
+        nodes.clear()
+        counts.clear()
+        ends = request.ends
+        prompt = request.prompt_tokens
+        rnodes = request.nodes
+        total = -(-prompt // chunk_tokens)
+        if max_chunks > 0 and max_chunks < total:
+            total = max_chunks
+        first = 0
+        for i in range(len(rnodes) - 1):
+            end = ends[i]
+            stop = end // chunk_tokens
+            if end == prompt and end % chunk_tokens:
+                stop += 1
+            if stop > total:
+                stop = total
+            if stop > first:
+                nodes.append(rnodes[i])
+                counts.append(stop - first)
+                first = stop
+            if first >= total:
                 break
-            nxt: list[int] = []
-            if first:  # every holder of the first run matches (counts are >= 1)
-                first = False
-                for e, got in have.items():
-                    matched[e] = got if got < count else count
-                    if got >= count:
-                        nxt.append(e)
-            else:  # only the engines that held every earlier run whole go on
-                for e in alive:
-                    got = have.get(e, 0)
-                    if got:
-                        matched[e] += got if got < count else count
-                        if got >= count:
-                            nxt.append(e)
-            if not nxt:
-                break
-            alive = nxt
-        return matched
+        return first
 
-    def insert(self, engine: int, runs: list[tuple[int, int]]) -> None:
-        lru = self.lru[engine]
+    def match(self) -> int:
+        """Chunks matched from the start of the prompt, per engine that matches at least one, into
+        ``m_engines``/``m_counts``; returns how many engines."""
+        engines = self.m_engines
+        matched = self.m_counts
+        engines.clear()
+        matched.clear()
+        nodes = self.run_nodes
+        if not nodes:
+            return 0
         holders = self.holders
-        for node, count in runs:
-            old = lru.get(node)
-            if old is None:
-                lru[node] = count
-                self.size[engine] += count
-                have = holders.get(node)
-                if have is None:
-                    holders[node] = {engine: count}
-                else:
-                    have[engine] = count
+        counts = self.run_counts
+        stamp = self._stamp
+        pos = self._pos
+        # Every holder of the first run matches (counts are >= 1); only the engines that held every earlier
+        # run whole go on (those stamped with ``gen``).
+        gen = self._gen + 1
+        alive = 0
+        count = counts[0]
+        h = holders.get(nodes[0])
+        while h is not None:
+            got = h.count
+            e = h.engine
+            if got >= count:
+                stamp[e] = gen
+                pos[e] = len(engines)
+                alive += 1
+                matched.append(count)
             else:
-                if count > old:
-                    lru[node] = count
-                    self.size[engine] += count - old
-                    holders[node][engine] = count
-                lru.move_to_end(node)
-        while self.size[engine] > self.capacity and lru:
-            node, count = lru.popitem(last=False)
-            self.size[engine] -= count
-            have = holders[node]
-            del have[engine]
-            if not have:
-                del holders[node]
+                matched.append(got)
+            engines.append(e)
+            h = h.hnext
+        for j in range(1, len(nodes)):
+            if not alive:
+                break
+            h = holders.get(nodes[j])
+            if h is None:
+                break
+            count = counts[j]
+            nxt = gen + 1
+            alive = 0
+            while h is not None:
+                e = h.engine
+                if stamp[e] == gen:
+                    got = h.count
+                    if got >= count:
+                        matched[pos[e]] += count
+                        stamp[e] = nxt
+                        alive += 1
+                    else:
+                        matched[pos[e]] += got
+                h = h.hnext
+            gen = nxt
+        self._gen = gen
+        return len(engines)
+
+    def insert(self, engine: int) -> None:
+        """``engine`` now holds the runs of :meth:`cut` (most recently used); then evict, least recently used
+        first, down to the capacity."""
+        head = self.heads[engine]
+        holders = self.holders
+        size = self.size[engine]
+        nodes = self.run_nodes
+        counts = self.run_counts
+        for j in range(len(nodes)):
+            node = nodes[j]
+            count = counts[j]
+            first = holders.get(node)
+            h = first
+            while h is not None and h.engine != engine:
+                h = h.hnext
+            if h is None:
+                h = _Held(node, engine, count, head)
+                size += count
+                if first is None:
+                    holders[node] = h
+                else:  # second in the node's list
+                    after = first.hnext
+                    h.hprev = first
+                    h.hnext = after
+                    first.hnext = h
+                    if after is not None:
+                        after.hprev = h
+            else:
+                if count > h.count:
+                    size += count - h.count
+                    h.count = count
+                prev = h.prev
+                after_ = h.next
+                prev.next = after_
+                after_.prev = prev
+            last = head.prev
+            h.prev = last
+            h.next = head
+            last.next = h
+            head.prev = h
+        capacity = self.capacity
+        while size > capacity:
+            h = head.next
+            if h is head:
+                break
+            after_ = h.next
+            head.next = after_
+            after_.prev = head
+            h.prev = h.next = head
+            size -= h.count
+            hp = h.hprev
+            hn = h.hnext
+            if hp is None:
+                if hn is None:
+                    del holders[h.node]
+                else:
+                    holders[h.node] = hn
+                    hn.hprev = None
+            else:
+                hp.hnext = hn
+                if hn is not None:
+                    hn.hprev = hp
+            h.hprev = h.hnext = None
+        self.size[engine] = size
 
 
 class PrefixLoadRouter(_Base):
@@ -359,6 +494,9 @@ class PrefixLoadRouter(_Base):
         self._base: list[float] | None = None
         self._bmin = 0
         self._bmax = 0
+        self._bbest = 0.0
+        self._bchoice = 0
+        self._bties = 0
         self._views: Sequence[EngineView] | None = None
 
     def route(self, request: SimRequest, engines: Sequence[EngineView]) -> int:
@@ -366,11 +504,8 @@ class PrefixLoadRouter(_Base):
         n = len(engines)
         if index is None:
             index = self._index = _ChunkIndex(n, self.lru_capacity)
-        runs = chunk_runs(request, self.chunk_tokens, partial=True, max_chunks=self.max_chunks)
-        total = 0
-        for _, count in runs:
-            total += count
-        matched = index.match(runs)
+        total = index.cut(request, self.chunk_tokens, self.max_chunks)
+        nm = index.match()
         wq, wkv, wp = self.weights
         at = engines[0].scraped_at
         queues = self._queues
@@ -406,41 +541,69 @@ class PrefixLoadRouter(_Base):
         kv_terms = self._kv_terms
         # The queue and kv part of every score, kept until a scrape or until the queues' min or max moves;
         # in between only the last choice's entry changes. Always ``wq + kv`` when all queues are equal,
-        # else ``wq / (qmax - qmin) * (qmax - queue) + kv``, computed in this order.
+        # else ``wq / (qmax - qmin) * (qmax - queue) + kv``, computed in this order. With it, its first
+        # highest entry (``_bchoice``) and how many entries have that value (``_bties``): a full pass when
+        # it is computed, or when the entry that changed was one of the highest and went down.
         flat = qmax == qmin
         qs = 0.0 if flat else wq / (qmax - qmin)
         base = self._base
+        rescan = False
         if base is None or qmin != self._bmin or qmax != self._bmax:
             base = self._base = [(wq if flat else qs * (qmax - queues[i])) + kv_terms[i] for i in range(n)]
             self._bmin = qmin
             self._bmax = qmax
+            rescan = True
         elif moved:
             last = self._last
-            base[last] = (wq if flat else qs * (qmax - queues[last])) + kv_terms[last]
-        # One pass over the base (compiled: unboxed): the first highest and how many engines have it.
-        choice = 0
-        best = base[0]
-        ties = 1
-        for i in range(1, n):
-            score = base[i]
+            old_score = base[last]
+            score = (wq if flat else qs * (qmax - queues[last])) + kv_terms[last]
+            base[last] = score
+            best = self._bbest
             if score > best:
-                best = score
-                choice = i
-                ties = 1
+                self._bbest = score
+                self._bchoice = last
+                self._bties = 1
             elif score == best:
-                ties += 1
+                if old_score != best:
+                    self._bties += 1
+                    if last < self._bchoice:
+                        self._bchoice = last
+            elif old_score == best:
+                rescan = True
+        if rescan:
+            # One pass over the base (compiled: unboxed): the first highest and how many engines have it.
+            choice = 0
+            best = base[0]
+            ties = 1
+            for i in range(1, n):
+                score = base[i]
+                if score > best:
+                    best = score
+                    choice = i
+                    ties = 1
+                elif score == best:
+                    ties += 1
+            self._bbest = best
+            self._bchoice = choice
+            self._bties = ties
+        best = self._bbest
+        choice = self._bchoice
+        ties = self._bties
         # The engines with a prefix match score ``base + prefix x matched`` (every term > 0 in the usual
         # case, checked): those beat their own base, so the best is theirs, or the base's best (whose
         # engines then matched nothing), or both tie.
         prefix = wp / total if total else 0.0
         exact = True
-        if matched:
+        m_engines = index.m_engines
+        m_counts = index.m_counts
+        if nm:
             mbest = -math.inf
             mties = 0
             mfirst = n
-            for i, m in matched.items():
+            for j in range(nm):
+                i = m_engines[j]
                 b = base[i]
-                score = b + prefix * m
+                score = b + prefix * m_counts[j]
                 if not score > b:
                     exact = False
                     break
@@ -464,8 +627,8 @@ class PrefixLoadRouter(_Base):
             # Every score, as the scan above would see it; ties at random, drawn as ``rng.choice`` of the
             # tied indices would: the k-th of them.
             scores = base.copy()
-            for i, m in matched.items():
-                scores[i] += prefix * m
+            for j in range(nm):
+                scores[m_engines[j]] += prefix * m_counts[j]
             choice = 0
             best = scores[0]
             ties = 1
@@ -485,7 +648,7 @@ class PrefixLoadRouter(_Base):
                             choice = i
                             break
                         k -= 1
-        index.insert(choice, runs)
+        index.insert(choice)
         self._last = choice
         return choice
 

@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import bisect
 import json
+import math
 import random
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -99,22 +100,53 @@ class _Params:
 _ARRIVALS = {"qps": 10.0, "duration": 60.0, "requests": 0.0, "seed": 0.0}
 
 
-def _arrivals(p: _Params) -> Iterator[tuple[int, float, random.Random]]:
-    """``(index, time, rng)`` of Poisson arrivals; the same rng then draws the request's contents."""
-    qps = p.f("qps")
-    if not qps > 0:
-        raise ValueError("qps must be > 0")
-    duration = p.f("duration")
-    cap = p.i("requests")
-    rng = random.Random(p.i("seed"))
-    t = 0.0
-    n = 0
-    while cap == 0 or n < cap:
-        t += rng.expovariate(qps)
-        if cap == 0 and t > duration:
-            return
-        yield n, t, rng
-        n += 1
+class _Arrivals:
+    """Poisson arrivals at ``qps`` for ``duration`` seconds (or ``requests`` of them), and the seeded rng
+    that then draws each request's contents.
+
+    The draws are exactly ``rng.expovariate(qps)`` and ``rng.randrange(n)`` (the same floats and ints,
+    in the same order), without their Python-level frames: compiled, this loop is a large part of a
+    replay's cost per request.
+    """
+
+    def __init__(self, p: _Params) -> None:
+        qps = p.f("qps")
+        if not qps > 0:
+            raise ValueError("qps must be > 0")
+        self.qps = qps
+        self.duration = p.f("duration")
+        self.cap = p.i("requests")
+        self.rng = random.Random(p.i("seed"))
+        self.random: Callable[[], float] = self.rng.random
+        self.getrandbits: Callable[[int], int] = self.rng.getrandbits
+        self.n = -1
+        """Index of the current arrival."""
+        self.t = 0.0
+        """Time of the current arrival."""
+
+    def next(self) -> bool:
+        """Move to the next arrival (``n``, ``t``); ``False`` when there is none."""
+        n = self.n + 1
+        cap = self.cap
+        if cap and n >= cap:
+            return False
+        t = self.t + -math.log(1.0 - self.random()) / self.qps  # Random.expovariate, as it computes it
+        if cap == 0 and t > self.duration:
+            return False
+        self.n = n
+        self.t = t
+        return True
+
+    def below(self, n: int) -> int:
+        """``rng.randrange(n)``, drawn as ``Random._randbelow`` draws it (rejection on ``getrandbits``)."""
+        if n <= 0:
+            raise ValueError("empty range for randrange()")
+        getrandbits = self.getrandbits
+        k = n.bit_length()
+        r = getrandbits(k)
+        while r >= n:
+            r = getrandbits(k)
+        return r
 
 
 def _w1(params: dict[str, float], cluster_kv_tokens: int | None) -> Workload:
@@ -132,15 +164,16 @@ def _w1(params: dict[str, float], cluster_kv_tokens: int | None) -> Workload:
     def gen() -> Iterator[SimRequest]:
         # Each whole prompt recurs: its segments and nodes are built once (the same values as built anew).
         made: dict[int, tuple[tuple[Segment, ...], tuple[int, ...]]] = {}
-        for n, t, rng in _arrivals(p):
-            g = rng.randrange(groups)
-            q = rng.randrange(prompts)
+        arrivals = _Arrivals(p)
+        while arrivals.next():
+            g = arrivals.below(groups)
+            q = arrivals.below(prompts)
             k = g * prompts + q
             known = made.get(k)
             if known is None:
                 segments = ((f"w1/s{g}", system), (f"w1/q{g}.{q}", question))
                 known = made[k] = (segments, prefix_nodes(segments))
-            yield SimRequest(n, t, known[0], output, prefix_nodes=known[1])
+            yield SimRequest(arrivals.n, arrivals.t, known[0], output, prefix_nodes=known[1])
 
     return Workload(
         f"w1: {groups} groups x {prompts} prompts, system {system}, question {question}, output {output}; "
@@ -157,9 +190,11 @@ def _w4(params: dict[str, float], cluster_kv_tokens: int | None) -> Workload:
         # The system prompts' segments and nodes are built once (the same values as built anew).
         shared = [(f"w4/s{g}", system) for g in range(groups)]
         nodes = [prefix_nodes((seg,)) for seg in shared]
-        for n, t, rng in _arrivals(p):
-            g = rng.randrange(groups)
-            yield SimRequest(n, t, (shared[g], (f"w4/q{n}", question)), output, prefix_nodes=nodes[g])
+        arrivals = _Arrivals(p)
+        while arrivals.next():
+            n = arrivals.n
+            g = arrivals.below(groups)
+            yield SimRequest(n, arrivals.t, (shared[g], (f"w4/q{n}", question)), output, prefix_nodes=nodes[g])
 
     return Workload(
         f"w4: {groups} groups, system {system}, unique question {question}, output {output}; "
@@ -175,7 +210,9 @@ def _w5(params: dict[str, float], cluster_kv_tokens: int | None) -> Workload:
     system, history, question, answer = p.i("system"), p.i("history"), p.i("question"), p.i("answer")
 
     def gen() -> Iterator[SimRequest]:
-        for n, t, _ in _arrivals(p):
+        arrivals = _Arrivals(p)
+        while arrivals.next():
+            n, t = arrivals.n, arrivals.t
             user, turn = n % users, n // users
             if turn >= rounds:
                 return
@@ -208,8 +245,10 @@ def _w6(params: dict[str, float], cluster_kv_tokens: int | None) -> Workload:
         names = [f"lora-{a}" for a in range(adapters)]
         shared = [(f"w6/s{a}", system) for a in range(adapters)]
         nodes = [prefix_nodes((shared[a],), names[a]) for a in range(adapters)]
-        for n, t, rng in _arrivals(p):
-            a = min(bisect.bisect_left(cum, rng.random() * total), adapters - 1)
+        arrivals = _Arrivals(p)
+        while arrivals.next():
+            n, t = arrivals.n, arrivals.t
+            a = min(bisect.bisect_left(cum, arrivals.random() * total), adapters - 1)
             yield SimRequest(n, t, (shared[a], (f"w6/q{n}", question)), output, lora=names[a], prefix_nodes=nodes[a])
 
     return Workload(
@@ -226,8 +265,10 @@ def _w7(params: dict[str, float], cluster_kv_tokens: int | None) -> Workload:
     long_p, long_o, short_p, short_o = p.i("long_prompt"), p.i("long_output"), p.i("short_prompt"), p.i("short_output")
 
     def gen() -> Iterator[SimRequest]:
-        for n, t, rng in _arrivals(p):
-            if rng.random() < frac:
+        arrivals = _Arrivals(p)
+        while arrivals.next():
+            n, t = arrivals.n, arrivals.t
+            if arrivals.random() < frac:
                 yield SimRequest(n, t, ((f"w7/p{n}", long_p),), long_o)
             else:
                 yield SimRequest(n, t, ((f"w7/p{n}", short_p),), short_o)
