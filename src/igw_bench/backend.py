@@ -1,9 +1,20 @@
-"""The fast fake model server behind both arms of ``igw bench overhead``.
+"""The fast fake model server behind every arm of ``igw bench overhead``.
 
 ``python -m igw_bench.backend [--count N] [--max-seconds S]`` serves ``N`` aiohttp servers on
-free loopback ports in one process. Each answers a fixed non-streaming chat completion, a tiny
-vLLM ``/metrics`` (an idle server) and ``/health``; it prints one ready line with the addresses
-and stops on SIGTERM/SIGINT, when its parent goes away, or after ``S`` seconds.
+free loopback ports in one process. It prints one ready line with the addresses and stops on
+SIGTERM/SIGINT, when its parent goes away, or after ``S`` seconds. Each server answers:
+
+* ``POST /v1/chat/completions``: a fixed non-streaming chat completion (the body is read, not parsed);
+* ``GET /health``: 200 with an empty body (what vLLM answers; both peer routers wait for it);
+* ``GET /v1/models``, ``GET /version``, ``GET /metrics`` (a tiny vLLM exposition: an idle server);
+* for sglang-router, which asks at start-up: ``GET /server_info`` and ``/model_info`` (and their
+  older ``/get_*`` names) with the served model name and no ``model_path``, so the router neither
+  looks for a tokenizer on huggingface.co nor names the worker "unknown"; ``GET /get_load`` (idle);
+* a known path with the wrong method: 405 with ``Allow``; anything else: an OpenAI-style 404.
+
+sglang-router also probes each worker for gRPC at start-up (an HTTP/2 prior-knowledge
+connection, in parallel with its HTTP health check). aiohttp refuses it with a 400, the router
+settles on HTTP, and :class:`_QuietH2Probe` turns aiohttp's traceback for it into one line.
 """
 
 from __future__ import annotations
@@ -11,6 +22,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import logging
 import os
 import signal
 import socket
@@ -18,6 +30,7 @@ import sys
 
 import orjson
 from aiohttp import web
+from aiohttp.http_exceptions import BadHttpMessage
 
 from igw_bench.procs import HOST, run_loop
 
@@ -45,17 +58,58 @@ METRICS = (
     b"# TYPE vllm:kv_cache_usage_perc gauge\n"
     b'vllm:kv_cache_usage_perc{model_name="bench-model"} 0\n'
 )
+_MODELS = orjson.dumps({"object": "list", "data": [{"id": MODEL, "object": "model", "owned_by": "igw-bench"}]})
+_SERVER_INFO = orjson.dumps({"served_model_name": MODEL, "version": "igw-bench"})
+_MODEL_INFO = orjson.dumps({"served_model_name": MODEL, "is_generation": True})
+_LOAD = orjson.dumps([{"dp_rank": 0, "num_reqs": 0, "num_waiting_reqs": 0, "num_tokens": 0}])
+_JSON = "application/json"
+
+_GET: dict[str, tuple[bytes, str]] = {
+    "/health": (b"", "text/plain"),
+    "/v1/models": (_MODELS, _JSON),
+    "/version": (b'{"version":"igw-bench"}', _JSON),
+    "/metrics": (METRICS, "text/plain; version=0.0.4"),
+    "/server_info": (_SERVER_INFO, _JSON),
+    "/get_server_info": (_SERVER_INFO, _JSON),
+    "/model_info": (_MODEL_INFO, _JSON),
+    "/get_model_info": (_MODEL_INFO, _JSON),
+    "/get_load": (_LOAD, _JSON),
+}
+"""``GET`` (and ``HEAD``) paths and their fixed answers: (body, content type)."""
+
+
+def _error(status: int, message: str, kind: str, headers: dict[str, str] | None = None) -> web.Response:
+    body = orjson.dumps({"error": {"message": message, "type": kind, "code": status}})
+    return web.Response(status=status, body=body, content_type=_JSON, headers=headers)
 
 
 async def _backend_handler(request: web.BaseRequest) -> web.StreamResponse:
-    if request.method == "POST" and request.path == CHAT_PATH:
+    path, method = request.path, request.method
+    if path == CHAT_PATH:
+        if method != "POST":
+            return _error(405, f"{method} {path}: use POST", "invalid_request_error", {"Allow": "POST"})
         await request.read()
-        return web.Response(body=COMPLETION, content_type="application/json")
-    if request.path == "/metrics":
-        return web.Response(body=METRICS, content_type="text/plain")
-    if request.path in ("/health", "/v1/models"):
-        return web.Response(body=b'{"object":"list","data":[{"id":"bench-model"}]}', content_type="application/json")
-    return web.Response(status=404, text="not found")
+        return web.Response(body=COMPLETION, content_type=_JSON)
+    fixed = _GET.get(path)
+    if fixed is None:
+        return _error(404, f"{method} {path}: not found", "not_found_error")
+    if method not in ("GET", "HEAD"):
+        return _error(405, f"{method} {path}: use GET", "invalid_request_error", {"Allow": "GET, HEAD"})
+    body, content_type = fixed
+    return web.Response(body=body, headers={"Content-Type": content_type})
+
+
+class _QuietH2Probe(logging.Filter):
+    """One line instead of a traceback when a client opens an HTTP/2 prior-knowledge connection
+    (sglang-router's gRPC probe): aiohttp answers 400 and logs it as an error."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if isinstance(exc, BadHttpMessage) and "PRI" in str(exc):
+            record.msg, record.args = "refused an HTTP/2 prior-knowledge connection (a gRPC probe) with 400", ()
+            record.levelno, record.levelname = logging.WARNING, "WARNING"
+            record.exc_info = record.exc_text = None
+        return True
 
 
 async def serve_backend(count: int, max_seconds: float) -> None:
@@ -65,6 +119,7 @@ async def serve_backend(count: int, max_seconds: float) -> None:
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    logging.getLogger("aiohttp.server").addFilter(_QuietH2Probe())
     runner = web.ServerRunner(web.Server(_backend_handler, access_log=None), handle_signals=False)
     await runner.setup()
     addresses: list[str] = []

@@ -1,8 +1,9 @@
 """``igw bench``: benchmark commands.
 
-``igw bench overhead``: requests/s, added latency and EPP CPU per request of the full gateway
-(Envoy + EPP over ext_proc) against Envoy alone, side by side in one run, for 1 KB and 200 KB
-OpenAI chat requests. Prints a Markdown table and writes the JSON report.
+``igw bench overhead``: requests/s, latency and router CPU per request of the full gateway
+(Envoy + EPP over ext_proc), Envoy alone, the peer routers (round_robin) and no router at all,
+side by side in one run, for 1 KB and 200 KB OpenAI chat requests; igw's added p50/p99 over each.
+Prints a Markdown table and writes the JSON report.
 
 ``igw bench scrape``: the EPP's CPU while it keeps N endpoints' metrics fresh.
 
@@ -44,9 +45,10 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     ov = sub.add_parser(
         "overhead",
-        help="gateway overhead: requests/s, added latency and EPP CPU over Envoy alone",
-        description="Runs Envoy alone (A) and the full igw gateway (B) in front of the same fast backend, "
-        "interleaved, for 1 KB and 200 KB chat requests.",
+        help="gateway overhead: requests/s, added latency and router CPU over direct, Envoy alone and the peers",
+        description="Runs the backend direct, Envoy alone, the full igw gateway and the peer routers (policy "
+        "round_robin) in front of the same fast backend, every arm in turn per step, for 1 KB and 200 KB chat "
+        "requests.",
     )
     ov.add_argument("--duration", type=_positive_float, default=8.0, help="measured seconds per step (default 8)")
     ov.add_argument("--warmup", type=_non_negative_float, default=2.0, help="warm-up seconds per step (default 2)")
@@ -58,6 +60,10 @@ def build_parser() -> argparse.ArgumentParser:
     ov.add_argument("--concurrency-200k", type=_positive_int, default=8, help="throughput step, 200 KB (default 8)")
     ov.add_argument("--max-requests", type=_positive_int, default=1_000_000,
                     help="upper bound on requests per step (default 1000000)")  # fmt: skip
+    ov.add_argument("--peers", metavar="LIST",
+                    help="peer routers as extra arms, each with --policy round_robin: comma-separated "
+                    "sglang-router, vllm-router, or none (default: both, installed on first use and left out "
+                    "with a warning if that fails; named ones must work)")  # fmt: skip
     sc = sub.add_parser(
         "scrape",
         help="EPP CPU spent keeping N endpoints' metrics fresh (no traffic)",
@@ -165,9 +171,14 @@ def _scrape(args: argparse.Namespace) -> int:
 
 
 def _overhead(args: argparse.Namespace) -> int:
-    from igw_bench.overhead import OverheadOptions, format_table, run_overhead, write_report
+    from igw_bench.overhead import PEER_KINDS, OverheadOptions, format_table, parse_peers, run_overhead, write_report
     from igw_bench.procs import run_loop
 
+    try:
+        peers = parse_peers(args.peers) if args.peers is not None else PEER_KINDS
+    except ValueError as exc:
+        print(f"igw bench overhead: error: {exc}", file=sys.stderr)
+        return 2
     opts = OverheadOptions(
         duration_s=args.duration,
         warmup_s=args.warmup,
@@ -176,6 +187,8 @@ def _overhead(args: argparse.Namespace) -> int:
         concurrency_1k=args.concurrency_1k,
         concurrency_200k=args.concurrency_200k,
         max_requests=args.max_requests,
+        peers=peers,
+        peers_required=args.peers is not None,
     )
 
     def progress(line: str) -> None:
@@ -190,10 +203,11 @@ def _overhead(args: argparse.Namespace) -> int:
     path = write_report(report, opts.out_dir)
     print(f"\nwrote {path}", flush=True)
     failed = [
-        f"{name} {arm}"
+        f"{arm} {name} c={c}"
         for name, size in report["sizes"].items()
-        for arm in ("A", "B")
-        if not size["throughput"][arm]["rps"] > 0
+        for c, step in size["by_concurrency"].items()
+        for arm, summary in step["arms"].items()
+        if not summary["rps"] > 0
     ]
     if failed:
         print(f"igw bench overhead: no successful requests for {', '.join(failed)}", file=sys.stderr)
