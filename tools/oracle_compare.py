@@ -22,7 +22,7 @@ from igw_sim.config import EngineConfig
 from igw_sim.replay import Router, build_workload, make_router, run_replay
 from igw_sim.replay.oracle import OracleRouter
 from igw_sim.replay.results import PolicySummary
-from igw_sim.replay.routers import OracleRouter as OldOracleRouter
+from igw_sim.replay.routers import MissPricedOracleRouter as OldOracleRouter
 
 DEFAULT_WORKLOADS = (
     "w1:qps=20,duration=200,fill=0.73",

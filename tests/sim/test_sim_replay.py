@@ -15,7 +15,7 @@ from igw_sim.cli import main as sim_main
 from igw_sim.config import EngineConfig
 from igw_sim.replay import EngineView, _compiled, build_workload, compiled, make_router, run_replay
 from igw_sim.replay.requests import SimRequest, chunk_runs
-from igw_sim.replay.routers import CacheAwareRouter, OracleRouter, PrefixLoadRouter
+from igw_sim.replay.routers import CacheAwareRouter, MissPricedOracleRouter, PrefixLoadRouter
 from igw_sim.replay.workloads import load_jsonl, parse_spec, save_jsonl
 
 H100 = EngineConfig.from_preset("h100-llama3-8b")
@@ -269,7 +269,7 @@ def test_the_oracle_keeps_a_group_where_it_is_cached_where_the_greedy_oracle_spr
     # Saturated W1 on 2 engines: pricing misses keeps the hit rate and the throughput up.
     w = build_workload("w1:groups=6,prompts=3,qps=40,duration=20,system=3000,question=600,output=100")
     config = H100.replace(kv_blocks=1400)
-    greedy = run_replay(w, OracleRouter(miss_weight=0.0), engines=2, config=config, warmup=5).summary
+    greedy = run_replay(w, MissPricedOracleRouter(miss_weight=0.0), engines=2, config=config, warmup=5).summary
     sticky = run_replay(w, make_router("oracle"), engines=2, config=config, warmup=5).summary
     assert sticky.prefix_hit_rate > greedy.prefix_hit_rate
     assert sticky.output_tokens_per_s >= greedy.output_tokens_per_s

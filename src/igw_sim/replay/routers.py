@@ -35,10 +35,14 @@ Built-in policies (:data:`ROUTERS`):
     per segment (the prompt text is whole segments); every 120 s the least recently used segments are
     evicted until each engine's tree holds at most 2**26 characters.
 ``oracle``
-    The smallest predicted TTFT (queueing + uncached prefill from the engine's true state, see
-    ``FastEngine.predicted_ttft``), ties to the fewest running requests. The bound that the others are
-    compared with below saturation; it is greedy, and past saturation it trades cache hits for short
-    queues and does worse than the cache-aware policies (see ``docs/simulator.md`` section 6.4).
+    Perfect knowledge of every engine's queue, batch and cache (:mod:`igw_sim.replay.oracle`): the
+    predicted TTFT from the engine's true state, a price on cache misses, prefixes of requests it has
+    queued counted as cached, and a placement cost that spreads prefix groups by load. The strongest
+    policy we know, the reference the others are compared with — not a proven bound (see
+    ``docs/simulator.md`` section 6.4).
+``oracle-miss-priced``
+    The previous oracle: predicted TTFT + ``miss_weight`` x the prefill of the uncached tokens
+    (``miss_weight=0`` is the greedy TTFT minimiser).
 """
 
 from __future__ import annotations
@@ -49,6 +53,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from typing import Protocol, final
 
+from igw_sim.replay.oracle import OracleRouter
 from igw_sim.replay.requests import SimRequest
 
 __all__ = [
@@ -56,6 +61,7 @@ __all__ = [
     "CacheAwareRouter",
     "EngineView",
     "LeastQueueRouter",
+    "MissPricedOracleRouter",
     "OracleRouter",
     "PrefixLoadRouter",
     "RandomRouter",
@@ -748,7 +754,7 @@ class CacheAwareRouter(_Base):
                     del self.holders[node]
 
 
-class OracleRouter(_Base):
+class MissPricedOracleRouter(_Base):
     """Perfect knowledge of every engine's queue, batch and cache, and a price on cache misses.
 
     For each engine: ``cost = predicted TTFT + miss_weight x prefill_s_per_token x uncached prompt
@@ -763,7 +769,7 @@ class OracleRouter(_Base):
     elsewhere, several times over. It does not look at future arrivals.
     """
 
-    name = "oracle"
+    name = "oracle-miss-priced"
     true_state = True
 
     def __init__(self, seed: int = 0, *, miss_weight: float = 16.0) -> None:
@@ -793,6 +799,7 @@ ROUTERS: dict[str, Callable[[int], Router]] = {
     "least-queue": LeastQueueRouter,
     "prefix-load": PrefixLoadRouter,
     "cache-aware": CacheAwareRouter,
+    "oracle-miss-priced": MissPricedOracleRouter,
     "oracle": OracleRouter,
 }
 """Built-in policies by name; each factory takes a seed."""
