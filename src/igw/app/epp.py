@@ -152,6 +152,8 @@ class Epp(aio.Service):
             settings, self.store, self.metrics, self.config, objectives=self.objectives, rewrites=self.rewrites
         )
         self.tracker = self.director.tracker
+        self.plugin_services = [s for p in self.config.plugins.values() for s in p.services()]
+        self._started_services: list[aio.Service] = []
         self.health = HealthState()
         self._grpc: grpc.aio.Server | None = None
         self._health_server: grpc.aio.Server | None = None
@@ -165,6 +167,9 @@ class Epp(aio.Service):
         try:
             self._health_server, self.health_port = await start_health_server(srv, self.health)
             await self.collector.start()
+            for service in self.plugin_services:
+                await service.start()
+                self._started_services.append(service)
             self._grpc, self.grpc_port = await start_extproc_server(
                 self.director, srv, self.metrics, health=self.health.servicer if srv.health_checking else None
             )
@@ -190,6 +195,8 @@ class Epp(aio.Service):
             await self._grpc.stop(grace=self.settings.server.drain_seconds)
             self._grpc = None
         await self.collector.stop()
+        while self._started_services:
+            await self._started_services.pop().stop()
         if self._metrics_runner is not None:
             await self._metrics_runner.cleanup()
             self._metrics_runner = None

@@ -32,6 +32,7 @@ from typing import Annotated, Any, ClassVar, Protocol, Self
 from pydantic import BaseModel, BeforeValidator, ConfigDict
 from pydantic.alias_generators import to_camel
 
+from igw.aio import Service
 from igw.api.types import EndpointState
 
 _DURATION = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ns|us|µs|ms|s|m|h)")
@@ -121,6 +122,14 @@ class Plugin:
     def describe(self) -> Mapping[str, Any]:
         """The effective parameters (for the start-up log and ``igw config validate``)."""
         return {}
+
+    def services(self) -> Sequence[Service]:
+        """Background services this plugin needs running (a KV-event subscriber, say).
+
+        The EPP starts them, in order, after the metrics collector and before it serves, and
+        stops them in reverse order at shutdown. Building a plugin never starts anything.
+        """
+        return ()
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.name!r})"
