@@ -2,7 +2,11 @@
 
 Prints ``igw-sim: serving <models> on http://host:port`` per endpoint, then ``igw-sim: ready`` (stdout,
 flushed), and runs until SIGINT/SIGTERM or ``--duration`` seconds; then stops and exits 0. Exit status 2
-means bad arguments, 1 that an endpoint could not be started (for example a port in use).
+means bad arguments (a ``--tokenizer`` directory that cannot be loaded prints one ``igw-sim: error:``
+line), 1 that an endpoint could not be started (for example a port in use).
+
+``--tokenizer DIR`` makes every endpoint tokenize like the real model of a Hugging Face tokenizer
+directory (see :mod:`igw_sim.hf_tokenizer`); without it the toy tokenizer is used.
 
 ``igw-sim replay ...`` runs a virtual-time replay instead (see :mod:`igw_sim.replay.cli`).
 
@@ -29,6 +33,7 @@ from igw_sim.engine import EngineConfig
 from igw_sim.faults import ERROR_KINDS, Faults
 from igw_sim.fleet import SimFleet
 from igw_sim.hashing import DEFAULT_SEED
+from igw_sim.hf_tokenizer import HFTokenizer, TokenizerLoadError
 from igw_sim.kvpublisher import KVEventsConfig
 from igw_sim.profiles import PRESETS
 
@@ -100,7 +105,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     obs = p.add_argument_group("metrics and KV events")
     obs.add_argument("--metrics-style", choices=["vllm", "sglang"], default="vllm", help="metric names")
-    obs.add_argument("--tokenizer-path", help="model_path/tokenizer_path reported by /server_info")
+    obs.add_argument(
+        "--tokenizer",
+        metavar="DIR",
+        help="Hugging Face tokenizer directory (tokenizer.json, tokenizer_config.json, chat_template.jinja): "
+        "tokenize prompts and generate tokens exactly like that model (default: the toy tokenizer)",
+    )
+    obs.add_argument(
+        "--tokenizer-path", help="model_path/tokenizer_path reported by /server_info (default: --tokenizer)"
+    )
     obs.add_argument(
         "--kv-events-endpoint", help="ZMQ PUB endpoint (tcp://127.0.0.1:5557 connects, tcp://*:5557 binds)"
     )
@@ -126,10 +139,12 @@ def _ports(args: argparse.Namespace) -> list[int]:
     return [args.base_port + i for i in range(count)]
 
 
-def _engine_config(args: argparse.Namespace) -> EngineConfig:
+def _engine_config(args: argparse.Namespace, tokenizer: HFTokenizer | None = None) -> EngineConfig:
     overrides: dict[str, Any] = {
         field: getattr(args, dest) for dest, field in _ENGINE_FLAGS.items() if getattr(args, dest) is not None
     }
+    if tokenizer is not None:
+        overrides["tokenizer"] = tokenizer
     if args.no_prefix_caching:
         overrides["enable_prefix_caching"] = False
     overrides["hash_seed"] = args.hash_seed or os.environ.get("PYTHONHASHSEED") or DEFAULT_SEED
@@ -191,9 +206,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         return replay_main(args_list[1:])
     parser = build_parser()
     args = parser.parse_args(args_list)
+    tokenizer = None
+    if args.tokenizer is not None:
+        try:
+            tokenizer = HFTokenizer.load(args.tokenizer)
+        except TokenizerLoadError as exc:
+            print(f"igw-sim: error: --tokenizer: {exc}", file=sys.stderr, flush=True)
+            return 2
     try:
         ports = _ports(args)
-        config = _engine_config(args)
+        config = _engine_config(args, tokenizer)
         faults = Faults(
             error_rate=args.error_rate,
             error_kinds=tuple(k.strip() for k in str(args.error_kinds).split(",") if k.strip()),

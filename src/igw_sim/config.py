@@ -15,6 +15,7 @@ from typing import Any
 
 from igw_sim.hashing import DEFAULT_SEED, HashAlgo
 from igw_sim.profiles import PRESETS, LatencyProfile, legacy_profile
+from igw_sim.tokenizer import TOY, SimTokenizer
 
 __all__ = ["EngineConfig"]
 
@@ -64,6 +65,10 @@ class EngineConfig:
     """Adapters known at start-up: ``(name, path)`` pairs (vLLM ``--lora-modules name=path``)."""
     enable_lora: bool = False
     """Report LoRA metrics and accept adapters even when none is known at start-up."""
+
+    tokenizer: SimTokenizer = TOY
+    """How prompts are tokenized and which tokens are generated (vLLM ``--tokenizer``): the toy tokenizer,
+    or an :class:`~igw_sim.hf_tokenizer.HFTokenizer` for engine-exact token ids."""
 
     def __post_init__(self) -> None:
         for name in ("max_num_seqs", "max_num_batched_tokens", "kv_blocks", "block_size", "max_model_len", "max_loras"):

@@ -223,7 +223,7 @@ class Engine:
             gen = self._generations.get(rid)
             if gen is None:
                 continue
-            piece = tokenizer.generated_piece(out.request.seed, out.index)
+            piece = self.config.tokenizer.generated_piece(out.request.seed, out.index)
             gen._push(Token(index=out.index, piece=piece, last=out.finished, token_id=out.token_id))
             if out.finished:
                 del self._generations[rid]

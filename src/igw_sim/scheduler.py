@@ -36,7 +36,6 @@ from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 from enum import Enum
 
-from igw_sim import tokenizer
 from igw_sim.config import EngineConfig
 from igw_sim.hashing import BlockHasher, hash_keys_for
 from igw_sim.kvcache import KVCacheManager
@@ -191,6 +190,7 @@ class EngineCore:
         cfg = self.config
         self.profile = cfg.profile
         self.hasher = BlockHasher(algo=cfg.hash_algo, seed=cfg.hash_seed, block_size=cfg.block_size)
+        self._generated_id = cfg.tokenizer.generated_id
         self.kv = KVCacheManager(
             num_blocks=cfg.kv_blocks, block_size=cfg.block_size, enable_caching=cfg.enable_prefix_caching
         )
@@ -392,7 +392,7 @@ class EngineCore:
             if req.num_computed_tokens < req.num_tokens:
                 continue  # a prompt chunk: no token yet
             index = req.num_output_tokens
-            token_id = tokenizer.generated_id(req.seed, index)
+            token_id = self._generated_id(req.seed, index)
             req.token_ids.append(token_id)
             self._extend_hashes(req)
             stats.generation_tokens_total += 1

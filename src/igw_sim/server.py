@@ -8,8 +8,8 @@ Routes:
   ``POST /v1/load_lora_adapter``, ``POST /v1/unload_lora_adapter``, ``POST /reset_prefix_cache``,
   ``GET /health``, ``GET /version``, ``GET /metrics`` (Prometheus text, per-endpoint registry);
 * SGLang, for routers that ask: ``GET /server_info`` and ``/get_server_info``, ``GET /model_info`` and
-  ``/get_model_info`` (``model_path``/``tokenizer_path`` = the configured tokenizer path, or the model
-  name), ``GET /get_load``;
+  ``/get_model_info`` (``model_path``/``tokenizer_path`` = the configured tokenizer path, else the
+  tokenizer directory, else the model name), ``GET /get_load``;
 * simulator only: ``GET /sim/stats`` (small JSON), ``GET /sim/engine`` (detailed state),
   ``GET``/``POST /sim/faults`` (see :mod:`igw_sim.faults`).
 
@@ -17,6 +17,13 @@ Every response carries ``x-igw-sim-endpoint: <host:port>`` and echoes ``x-reques
 has one; responses to POST requests also carry ``x-igw-sim-body-bytes`` and ``x-igw-sim-body-sha256`` of
 the request body, so tests can check what a gateway forwarded. Errors are OpenAI-style JSON, including
 unknown routes (404) and bodies over :data:`MAX_BODY_BYTES` (413).
+
+Tokenization (prompts, ``/tokenize``, the render routes, usage counts, and so the ids the engine hashes
+and publishes in KV events) goes through the engine's :class:`~igw_sim.tokenizer.SimTokenizer`
+(``EngineConfig.tokenizer``): the toy tokenizer by default, or an
+:class:`~igw_sim.hf_tokenizer.HFTokenizer` for engine-exact ids. As in vLLM, completion prompts are
+encoded with special tokens and rendered chats without, unless the request sets ``add_special_tokens``;
+chats also honour ``chat_template_kwargs``, ``tools`` and ``documents`` (the toy tokenizer ignores these).
 
 Streams are written one SSE event per token (``data: {...}\\n\\n``), each flushed when produced, ending
 with an optional usage chunk and ``data: [DONE]\\n\\n``. A client that goes away frees the engine slot:
@@ -28,6 +35,7 @@ requests are aborted on disconnect too.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hashlib
 import time
 from collections.abc import Awaitable, Callable, Sequence
@@ -37,7 +45,7 @@ import orjson
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from igw_sim import protocol
+from igw_sim import protocol, tokenizer
 from igw_sim.engine import ContextLengthError, Engine, Generation, InvalidRequestError, QueueFullError
 from igw_sim.faults import Faults
 from igw_sim.kvpublisher import ZmqEventPublisher
@@ -54,6 +62,9 @@ VERSION = "0.32.0+igw-sim"
 _BODY_INFO = web.RequestKey("igw_sim_body_info", tuple[int, str])
 _UNCOUNTED_PATHS = frozenset({"/metrics", "/health", "/sim/stats", "/sim/engine", "/sim/faults"})
 _HASH_IN_THREAD_BYTES = 1024 * 1024  # hashlib releases the GIL on large buffers
+# protocol.parse_generation validates a request and tokenizes its prompt with the toy tokenizer; it is
+# given this one-token stand-in instead, and the real prompt is tokenized here with the engine's tokenizer.
+_STAND_IN_PROMPT: dict[str, Any] = {"prompt": [0], "messages": [{"role": "user", "content": ""}]}
 _Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
@@ -63,6 +74,24 @@ def _json(body: object, status: int = 200) -> web.Response:
 
 def _error(exc: protocol.ApiError) -> web.Response:
     return _json(exc.body(), status=exc.status)
+
+
+def _is_ids(value: object) -> bool:
+    return isinstance(value, list) and all(isinstance(i, int) and not isinstance(i, bool) for i in value)
+
+
+def _template_kwargs(payload: dict[str, Any]) -> dict[str, object]:
+    """Extra chat-template variables of a request: ``chat_template_kwargs``, then ``tools`` and
+    ``documents`` (vLLM passes all three to the template)."""
+    extra = payload.get("chat_template_kwargs")
+    if extra is not None and not isinstance(extra, dict):
+        raise protocol.ApiError(400, "`chat_template_kwargs` must be an object.", param="chat_template_kwargs")
+    out: dict[str, object] = dict(extra or {})
+    for key in ("tools", "documents"):
+        value = payload.get(key)
+        if value is not None:
+            out[key] = value
+    return out
 
 
 async def _digest(body: bytes) -> str:
@@ -102,7 +131,9 @@ class SimServer:
         self.models = tuple(models)
         self.endpoint = endpoint
         self.faults = faults if faults is not None else Faults()
-        self.tokenizer_path = tokenizer_path
+        self.tokenizer: tokenizer.SimTokenizer = engine.config.tokenizer
+        """The engine's tokenizer (prompts here, generated tokens in the engine)."""
+        self.tokenizer_path = tokenizer_path if tokenizer_path is not None else self.tokenizer.path
         self.kv_publisher: ZmqEventPublisher | None = None
         self.on_crash: Callable[[], None] | None = None
         self.requests_total = 0
@@ -192,7 +223,10 @@ class SimServer:
 
     async def _generate(self, request: web.Request, kind: protocol.Kind) -> web.StreamResponse:
         payload = protocol.parse_json(await request.read())
-        req = protocol.parse_generation(payload, kind=kind, models=self.models, adapters=self.engine.core.adapters)
+        req = protocol.parse_generation(
+            {**payload, **_STAND_IN_PROMPT}, kind=kind, models=self.models, adapters=self.engine.core.adapters
+        )
+        req = dataclasses.replace(req, prompt=self._prompt(payload, kind))
         injected = self.faults.draw_error()
         if injected is not None:
             raise protocol.ApiError(*injected)
@@ -271,10 +305,49 @@ class SimServer:
             raise protocol.ApiError(404, f"The model `{model}` does not exist.", param="model")
         return str(model)
 
+    def _prompt(self, payload: dict[str, Any], kind: protocol.Kind) -> protocol.Prompt:
+        """Tokenize a completion's ``prompt`` or a chat's ``messages`` (the same checks and messages as
+        :func:`protocol.parse_prompt`, with this endpoint's tokenizer)."""
+        tok = self.tokenizer
+        special = payload.get("add_special_tokens", kind == "completion")
+        if not isinstance(special, bool):
+            raise protocol.ApiError(400, "`add_special_tokens` must be a boolean.", param="add_special_tokens")
+        if kind == "chat":
+            messages = payload.get("messages")
+            if not isinstance(messages, list) or not messages:
+                raise protocol.ApiError(400, "`messages` must be a non-empty list.", param="messages")
+            try:
+                text = tok.render_chat(
+                    messages,
+                    add_generation_prompt=bool(payload.get("add_generation_prompt", True)),
+                    template_kwargs=_template_kwargs(payload),
+                )
+            except tokenizer.ChatFormatError as exc:
+                raise protocol.ApiError(400, str(exc), param="messages") from None
+            ids = tok.encode(text, add_special_tokens=special)
+            return protocol.Prompt(count=len(ids), seed=tokenizer.seed_of(text), ids=ids)
+        prompt = payload.get("prompt")
+        if isinstance(prompt, list) and len(prompt) == 1 and (isinstance(prompt[0], str) or _is_ids(prompt[0])):
+            prompt = prompt[0]
+        if isinstance(prompt, str):
+            ids = tok.encode(prompt, add_special_tokens=special)
+            return protocol.Prompt(count=len(ids), seed=tokenizer.seed_of(prompt), ids=ids)
+        if isinstance(prompt, list) and _is_ids(prompt):
+            ids = [int(i) for i in prompt]
+            top = tok.max_token_id
+            if top is not None and any(i < 0 or i > top for i in ids):
+                raise protocol.ApiError(400, f"Token id out of vocabulary (0..{top}).", param="prompt")
+            return protocol.Prompt(count=len(ids), seed=tokenizer.seed_of(",".join(map(str, ids))), ids=ids)
+        raise protocol.ApiError(
+            400,
+            "`prompt` must be a string or a list of token ids (batched prompts are not simulated).",
+            param="prompt",
+        )
+
     def _token_ids(self, payload: dict[str, Any]) -> list[int]:
         kind: protocol.Kind = "chat" if "messages" in payload else "completion"
-        prompt = protocol.parse_prompt(payload, kind=kind, with_ids=True)
-        return prompt.ids if prompt.ids is not None else []
+        ids = self._prompt(payload, kind).ids
+        return ids if ids is not None else []
 
     async def _tokenize(self, request: web.Request) -> web.StreamResponse:
         payload = protocol.parse_json(await request.read())
@@ -450,6 +523,7 @@ class SimServer:
                 "block_size": cfg.block_size,
                 "cached_blocks": core.kv.num_cached_blocks,
                 "hash_algo": cfg.hash_algo,
+                "tokenizer": self.tokenizer.path or "toy",
                 "kv_events_topic": self.kv_publisher.topic if self.kv_publisher is not None else None,
                 "adapters": sorted(core.adapters),
                 "resident_loras": list(core.resident_loras),

@@ -12,6 +12,10 @@ Contract:
   in the output agrees with ``usage.completion_tokens``.
 * Chat prompts are tokenized from ``render_chat(messages)``: ``"<|role|>\\ncontent\\n"`` per message plus
   ``"<|assistant|>\\n"`` when a generation prompt is added.
+
+The server and the engine do not call these functions directly: they call one :class:`SimTokenizer`
+(``EngineConfig.tokenizer``), whose default implementation :data:`TOY` is this module. The other one,
+:class:`igw_sim.hf_tokenizer.HFTokenizer`, tokenizes exactly like a real model (``igw-sim --tokenizer``).
 """
 
 from __future__ import annotations
@@ -19,12 +23,16 @@ from __future__ import annotations
 import re
 import zlib
 from collections.abc import Mapping, Sequence
+from typing import Protocol
 
 __all__ = [
     "FIRST_ID",
     "GENERATION_WORDS",
+    "TOY",
     "VOCAB_SIZE",
     "ChatFormatError",
+    "SimTokenizer",
+    "ToyTokenizer",
     "count",
     "encode",
     "generated_id",
@@ -159,3 +167,81 @@ def render_chat(messages: Sequence[object], *, add_generation_prompt: bool = Tru
 def seed_of(text: str) -> int:
     """A generation seed derived from the prompt text (stable across runs)."""
     return zlib.crc32(text.encode("utf-8", "surrogatepass"))
+
+
+class SimTokenizer(Protocol):
+    """What the simulated server and engine need from a tokenizer.
+
+    Contract:
+
+    * ``encode`` and ``count`` are pure and deterministic; ``count(t, ...) == len(encode(t, ...))``.
+      ``add_special_tokens`` follows vLLM: true for completion prompts (a BOS, when the model adds one),
+      false for a rendered chat (the template already wrote its special tokens).
+    * ``render_chat`` raises :class:`ChatFormatError` for messages or template inputs it cannot render
+      (the server answers 400).
+    * ``generated_piece(seed, i)`` is the text of the token ``generated_id(seed, i)``, and any
+      concatenation of generated pieces re-tokenizes (without special tokens) to exactly their ids.
+    * ``max_token_id`` bounds the ids a prompt given as token ids may carry (``None``: no check).
+    * Implementations are immutable and shared by every engine that uses them.
+    """
+
+    @property
+    def path(self) -> str | None:
+        """The tokenizer directory (``None`` for the toy tokenizer)."""
+        ...
+
+    @property
+    def max_token_id(self) -> int | None: ...
+
+    def encode(self, text: str, *, add_special_tokens: bool) -> list[int]: ...
+
+    def count(self, text: str, *, add_special_tokens: bool) -> int: ...
+
+    def render_chat(
+        self,
+        messages: Sequence[object],
+        *,
+        add_generation_prompt: bool = True,
+        template_kwargs: Mapping[str, object] | None = None,
+    ) -> str: ...
+
+    def generated_id(self, seed: int, index: int) -> int: ...
+
+    def generated_piece(self, seed: int, index: int) -> str: ...
+
+
+class ToyTokenizer:
+    """:class:`SimTokenizer` over this module's functions (no special tokens, no chat template).
+
+    ``generated_id`` and ``generated_piece`` are the module functions themselves, so the engine's hot
+    path pays no extra call for going through the interface.
+    """
+
+    __slots__ = ()
+
+    path: str | None = None
+    max_token_id: int | None = None
+    generated_id = staticmethod(generated_id)
+    generated_piece = staticmethod(generated_piece)
+
+    def encode(self, text: str, *, add_special_tokens: bool) -> list[int]:
+        return encode(text)
+
+    def count(self, text: str, *, add_special_tokens: bool) -> int:
+        return count(text)
+
+    def render_chat(
+        self,
+        messages: Sequence[object],
+        *,
+        add_generation_prompt: bool = True,
+        template_kwargs: Mapping[str, object] | None = None,
+    ) -> str:
+        return render_chat(messages, add_generation_prompt=add_generation_prompt)
+
+    def __repr__(self) -> str:
+        return "ToyTokenizer()"
+
+
+TOY: SimTokenizer = ToyTokenizer()
+"""The default tokenizer of every engine."""
