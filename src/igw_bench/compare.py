@@ -4,7 +4,8 @@ For every arm in turn: a fresh fleet (the same spec and seeds for all arms, so n
 cache), the arm in front of it, a warm-up that is not measured, then one step per rate. A step is an
 open-loop Poisson workload (:mod:`igw_bench.openloop`) of ``step_s`` simulated seconds; the servers'
 counters are read before and after it. An arm whose TTFT p90 passes ``saturated_ttft_s`` (or that fails
-half its requests) is saturated: its higher steps are skipped, since they could only be worse.
+more than ``saturated_failures`` of its requests) is saturated: its higher steps are skipped, since
+they could only be worse.
 
 Times are simulated seconds: with the fleet's time dilation ``D`` every real duration the client
 measures is divided by ``D`` and every rate multiplied by it (the gateway's own latency is divided too,
@@ -60,6 +61,9 @@ class CompareOptions:
     fleet: FleetSpec = field(default_factory=SimFleetSpec)
     seed: int = 1
     saturated_ttft_s: float = 30.0
+    saturated_failures: float = 0.1
+    """An arm that fails (or does not finish within the drain time) more than this share of a step's
+    requests is saturated too: its latency percentiles cover only the requests that made it."""
     drain_factor: float = 1.0
     """After a step's last arrival, running requests get ``drain_factor * step_s`` simulated seconds."""
     out_dir: Path = Path("benchmarks/results")
@@ -222,7 +226,7 @@ async def _run_arm(
                 f"hit {stats['hit_rate_server']:.1%}, hotspot {stats['hotspot']:.2f} ({stats['wall_s']:.0f} s)"
             )
             p90 = stats["ttft_s"]["p90"]
-            if stats["failed"] * 2 > stats["requests"] or not p90 <= opts.saturated_ttft_s:
+            if stats["failed"] > opts.saturated_failures * stats["requests"] or not p90 <= opts.saturated_ttft_s:
                 saturated_at = qps
     finally:
         if arm is not None:
