@@ -101,6 +101,11 @@ def build_parser() -> argparse.ArgumentParser:
                      help="real seconds per simulated second (simulated fleet; default 5)")  # fmt: skip
     cmp.add_argument("--loras", type=_positive_int, default=0, help="LoRA adapters lora-0.. the fleet serves (w6)")
     cmp.add_argument("--max-loras", type=_positive_int, help="resident adapter slots per server")
+    cmp.add_argument("--tokenizer", type=Path, metavar="DIR",
+                     help="simulated fleet: tokenize with this Hugging Face tokenizer directory")  # fmt: skip
+    cmp.add_argument("--kv-events-endpoint", metavar="ADDR",
+                     help="simulated fleet: publish KV-cache events there (e.g. tcp://127.0.0.1:5557, "
+                     "which a precise-prefix igw arm binds)")  # fmt: skip
     cmp.add_argument("--seed", type=int, default=1, help="workload seed (default 1)")
     cmp.add_argument("--saturated-ttft-s", type=_positive_float, default=30.0,
                      help="an arm whose TTFT p90 passes this skips its higher steps (default 30)")  # fmt: skip
@@ -132,7 +137,8 @@ def _compare(args: argparse.Namespace) -> int:
                               max_loras=args.max_loras or 2)  # fmt: skip
     else:
         fleet = SimFleetSpec(servers=args.servers or 8, profile=args.profile, kv_blocks=args.kv_blocks or 8192,
-                             time_dilation=args.time_dilation, loras=loras, max_loras=args.max_loras)  # fmt: skip
+                             time_dilation=args.time_dilation, loras=loras, max_loras=args.max_loras,
+                             tokenizer=args.tokenizer, kv_events_endpoint=args.kv_events_endpoint)  # fmt: skip
     opts = CompareOptions(workload=args.workload, arms=arms, qps=qps, step_s=args.step_s, warmup_s=args.warmup_s,
                           warmup_qps=args.warmup_qps, fleet=fleet, seed=args.seed,
                           saturated_ttft_s=args.saturated_ttft_s, out_dir=args.out, load=args.load)  # fmt: skip

@@ -63,6 +63,10 @@ class SimFleetSpec:
     model: str = "sim-model"
     loras: tuple[str, ...] = ()
     max_loras: int | None = None
+    tokenizer: Path | None = None
+    """A Hugging Face tokenizer directory the servers tokenize with (``igw sim --tokenizer``)."""
+    kv_events_endpoint: str | None = None
+    """Where the servers publish their KV-cache events (a precise-prefix arm binds it)."""
     extra_args: tuple[str, ...] = field(default=())
 
     def argv(self, ports: Iterable[int]) -> list[str]:
@@ -76,6 +80,10 @@ class SimFleetSpec:
             argv += ["--lora-modules", *(f"{name}=/dev/null" for name in self.loras)]
         if self.max_loras is not None:
             argv += ["--max-loras", str(self.max_loras)]
+        if self.tokenizer is not None:
+            argv += ["--tokenizer", str(self.tokenizer)]
+        if self.kv_events_endpoint is not None:
+            argv += ["--kv-events-endpoint", self.kv_events_endpoint]
         return [*argv, *self.extra_args]
 
     fresh_per_arm = True
@@ -93,6 +101,8 @@ class SimFleetSpec:
             "time_dilation": self.time_dilation,
             "loras": list(self.loras),
             "max_loras": self.max_loras,
+            "tokenizer": str(self.tokenizer) if self.tokenizer else "igw-sim word tokenizer",
+            "kv_events_endpoint": self.kv_events_endpoint,
         }
 
 

@@ -7,6 +7,7 @@ scheduling pass never sees half-updated numbers.
 from __future__ import annotations
 
 import itertools
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
@@ -140,3 +141,20 @@ class InferenceRequest:
     @property
     def effective_model(self) -> str | None:
         return self.target_model or self.model
+
+
+TOKENIZED_PROMPT_KEY = "TokenizedPrompt"
+"""``request.data`` key of the :class:`TokenizedPrompt` the ``token-producer`` makes."""
+
+
+@dataclass(frozen=True, slots=True)
+class TokenizedPrompt:
+    """The prompt's token ids exactly as the model server will see them (chat template applied)."""
+
+    token_ids: Sequence[int]
+    model: str
+    """The model the request is for (after rewrites)."""
+    lora: str | None = None
+    """The LoRA adapter, when ``model`` is one (the engine folds it into every block hash)."""
+    cache_salt: str | None = None
+    """vLLM's ``cache_salt`` request field (folded into the first block's hash)."""

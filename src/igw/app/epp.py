@@ -152,6 +152,8 @@ class Epp(aio.Service):
             settings, self.store, self.metrics, self.config, objectives=self.objectives, rewrites=self.rewrites
         )
         self.tracker = self.director.tracker
+        for plugin in self.config.plugins.values():
+            plugin.register_metrics(self.registry)
         self.plugin_services = [s for p in self.config.plugins.values() for s in p.services()]
         self._started_services: list[aio.Service] = []
         self.health = HealthState()

@@ -8,4 +8,5 @@ import igw.datalayer.sources
 import igw.flowcontrol.saturation
 import igw.parsing.openai
 import igw.parsing.passthrough
+import igw.parsing.token_producer
 import igw.scheduling.plugins  # noqa: F401  (every scheduling plugin module)

@@ -364,8 +364,8 @@ class _Builder:
                 break
             key, default, consumer = missing[0]
             where = f"data {key!r} consumed by {consumer.name!r}"
-            if default not in self.plugins and consumer.producer_params:
-                self.plugins[default] = self._create(default, default, consumer.producer_params)
+            if default not in self.plugins and consumer.params_for_producer(default):
+                self.plugins[default] = self._create(default, default, consumer.params_for_producer(default))
                 self._params_used.add(consumer.name)
                 self.added.append(f"{default} ({where}, with its parameters)")
             producer = self._resolve(default, DataProducer, where)

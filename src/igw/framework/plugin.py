@@ -29,6 +29,7 @@ import re
 from collections.abc import Callable, Mapping, Sequence
 from typing import Annotated, Any, ClassVar, Protocol, Self
 
+from prometheus_client import CollectorRegistry
 from pydantic import BaseModel, BeforeValidator, ConfigDict
 from pydantic.alias_generators import to_camel
 
@@ -111,6 +112,11 @@ class Plugin:
     def __init__(self, name: str | None = None) -> None:
         self.name = name or self.type_name
 
+    def params_for_producer(self, producer_type: str) -> Mapping[str, Any]:
+        """The parameters of the default producer of type ``producer_type`` this plugin makes the
+        loader add (default: :attr:`producer_params`, whatever the type)."""
+        return self.producer_params
+
     @classmethod
     def from_params(cls, name: str, params: Any, handle: Handle) -> Self:
         """Build an instance from validated ``params`` (an instance of ``cls.Params``).
@@ -122,6 +128,9 @@ class Plugin:
     def describe(self) -> Mapping[str, Any]:
         """The effective parameters (for the start-up log and ``igw config validate``)."""
         return {}
+
+    def register_metrics(self, registry: CollectorRegistry) -> None:
+        """Add this plugin's own metrics to the EPP's registry (called once, before services start)."""
 
     def services(self) -> Sequence[Service]:
         """Background services this plugin needs running (a KV-event subscriber, say).
