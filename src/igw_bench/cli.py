@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+from typing import Any
 
 
 def _positive_float(text: str) -> float:
@@ -115,6 +116,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _compare(args: argparse.Namespace) -> int:
+    import orjson
+
     from igw_bench.arms import parse_arm
     from igw_bench.compare import CompareOptions, describe_workload, run_compare
     from igw_bench.fleet import FleetSpec, SimFleetSpec, VllmFleetSpec
@@ -155,7 +158,12 @@ def _compare(args: argparse.Namespace) -> int:
     def progress(line: str) -> None:
         print(line, file=sys.stderr, flush=True)
 
-    report = run_loop(run_compare(opts, log=progress))
+    def partial(report: dict[str, Any]) -> None:
+        path = args.out / "compare-partial.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(orjson.dumps(report, default=str, option=orjson.OPT_INDENT_2))
+
+    report = run_loop(run_compare(opts, log=progress, on_arm=partial))
     print(format_markdown(report), flush=True)
     for path in write_report(report, args.out):
         print(f"wrote {path}", flush=True)

@@ -240,8 +240,16 @@ def _slug(name: str) -> str:
     return "".join(c if c.isalnum() or c in "-_" else "-" for c in name)
 
 
-async def run_compare(opts: CompareOptions, *, log: Callable[[str], None] = print) -> dict[str, Any]:
-    """Run every arm through the ladder; the report (see :mod:`igw_bench.report`)."""
+async def run_compare(
+    opts: CompareOptions,
+    *,
+    log: Callable[[str], None] = print,
+    on_arm: Callable[[dict[str, Any]], None] | None = None,
+) -> dict[str, Any]:
+    """Run every arm through the ladder; the report (see :mod:`igw_bench.report`).
+
+    ``on_arm`` gets the report so far after each arm (a long run that is stopped keeps what it did).
+    """
     started = datetime.now(UTC)
     warm_qps = opts.warmup_qps or sorted(opts.qps)[len(opts.qps) // 2]
     warmup = build_step(opts, warm_qps, opts.warmup_s, opts.seed + 10_000, "warmup")
@@ -261,9 +269,17 @@ async def run_compare(opts: CompareOptions, *, log: Callable[[str], None] = prin
             except (RuntimeError, TimeoutError, OSError, aiohttp.ClientError) as exc:
                 log(f"{spec.name}: failed: {exc}")
                 arms.append({"arm": spec.name, "describe": spec.describe(), "error": str(exc), "steps": []})
+            if on_arm is not None:
+                on_arm(_report(opts, started, warm_qps, workdir, arms))
     finally:
         if shared_fleet is not None:
             await shared_fleet.stop(timeout=40.0)
+    return _report(opts, started, warm_qps, workdir, arms)
+
+
+def _report(
+    opts: CompareOptions, started: datetime, warm_qps: float, workdir: Path, arms: list[dict[str, Any]]
+) -> dict[str, Any]:
     return {
         "benchmark": "igw bench compare",
         "started": started.isoformat(timespec="seconds"),
