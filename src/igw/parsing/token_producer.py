@@ -34,7 +34,13 @@ from igw.api.types import TOKENIZED_PROMPT_KEY, EndpointState, InferenceRequest,
 from igw.framework.plugin import Handle, PluginParams
 from igw.framework.registry import register
 from igw.framework.requestcontrol import DataProducer
-from igw.parsing.tokenizer import TokenizerError, TokenizerSet, TokenizerSettings, TokenizerUnavailable
+from igw.parsing.tokenizer import (
+    TokenizerError,
+    TokenizerSet,
+    TokenizerSettings,
+    TokenizerUnavailable,
+    chat_template_kwargs,
+)
 
 log = logging.getLogger("igw.parsing")
 
@@ -122,7 +128,7 @@ class TokenProducer(DataProducer):
                     add_generation_prompt=bool(body.get("add_generation_prompt", True)),
                     continue_final_message=bool(body.get("continue_final_message", False)),
                     tools=body.get("tools"),
-                    chat_template_kwargs=body.get("chat_template_kwargs"),
+                    chat_template_kwargs=chat_template_kwargs(body),
                 )
             )
         prompt = body.get("prompt")
