@@ -237,3 +237,31 @@ async def test_kv_events_arrive_per_engine_topic(
             if kind == "BlockStored":
                 stored[topic] = stored.get(topic, 0) + 1
     assert {f"kv@{a}@{MODEL}" for a in served} <= set(stored), (served, stored)
+
+
+async def test_igw_tokenizes_like_the_engines_tokenize_endpoint(engines: Engines, http: aiohttp.ClientSession) -> None:
+    """The gateway's tokenizer (the model's tokenizer.json and chat template) against vLLM's own
+    ``POST /tokenize``, for completion prompts and chats: what precise prefix routing relies on."""
+    from igw.parsing.tokenizer import Tokenizer
+
+    tokenizer = Tokenizer.from_dir(HOME / "tiny-model")
+    base = f"http://{engines.addresses[0]}"
+    prompts = ["hello", "  leading spaces and\ttabs\n\nnew lines", "ünïcödé ✓ 🚀 text", _words(1, 300)]
+    chats: list[dict[str, Any]] = [
+        {"messages": [{"role": "user", "content": "hi there"}]},
+        {"messages": [{"role": "system", "content": "be brief"}, {"role": "user", "content": "two\nlines"},
+                      {"role": "assistant", "content": "ok"}, {"role": "user", "content": _words(2, 80)}]},
+        {"messages": [{"role": "user", "content": [{"type": "text", "text": "part one"},
+                                                   {"type": "text", "text": "part two"}]}]},
+        {"messages": [{"role": "user", "content": "no prompt"}], "add_generation_prompt": False},
+    ]  # fmt: skip
+    for prompt in prompts:
+        async with http.post(f"{base}/tokenize", json={"model": MODEL, "prompt": prompt}) as r:
+            assert r.status == 200
+            assert tokenizer.encode_completion(prompt) == (await r.json())["tokens"], prompt
+    for chat in chats:
+        async with http.post(f"{base}/tokenize", json={"model": MODEL, **chat}) as r:
+            assert r.status == 200
+            expected = (await r.json())["tokens"]
+        got = tokenizer.encode_chat(chat["messages"], add_generation_prompt=chat.get("add_generation_prompt", True))
+        assert got == expected, chat
