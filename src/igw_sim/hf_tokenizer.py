@@ -43,7 +43,7 @@ import jinja2.parser
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import AddedToken, Tokenizer, processors
 
-from igw_sim.tokenizer import GENERATION_WORDS, ChatFormatError
+from igw_sim.tokenizer import GENERATION_WORDS, ChatFormatError, text_blocks
 
 __all__ = ["GENERATION_PIECES_MAX", "HFTokenizer", "TokenizerLoadError"]
 
@@ -313,15 +313,7 @@ def _message(message: object) -> dict[str, object]:
     if content is None:
         out["content"] = ""
     elif isinstance(content, list):
-        texts: list[str] = []
-        for block in content:
-            if not isinstance(block, Mapping) or block.get("type") != "text":
-                raise ChatFormatError("content blocks must be objects with type 'text'")
-            text = block.get("text")
-            if not isinstance(text, str):
-                raise ChatFormatError("a text content block needs a string 'text'")
-            texts.append(text)
-        out["content"] = "\n".join(texts)
+        out["content"] = "\n".join(text_blocks(content))  # vLLM joins text parts with new lines
     elif not isinstance(content, str):
         raise ChatFormatError("message content must be a string or a list of text blocks")
     return out

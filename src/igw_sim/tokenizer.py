@@ -41,6 +41,7 @@ __all__ = [
     "render_chat",
     "seed_of",
     "synthetic_ids",
+    "text_blocks",
 ]
 
 VOCAB_SIZE = 50_000
@@ -133,16 +134,21 @@ def _content_text(content: object) -> str:
     if content is None:
         return ""
     if isinstance(content, list):
-        parts: list[str] = []
-        for block in content:
-            if not isinstance(block, Mapping) or block.get("type") != "text":
-                raise ChatFormatError("content blocks must be objects with type 'text'")
-            text = block.get("text")
-            if not isinstance(text, str):
-                raise ChatFormatError("a text content block needs a string 'text'")
-            parts.append(text)
-        return "".join(parts)
+        return "".join(text_blocks(content))
     raise ChatFormatError("message content must be a string or a list of text blocks")
+
+
+def text_blocks(content: Sequence[object]) -> list[str]:
+    """The texts of a message's content blocks (``[{"type": "text", "text": ...}]``), validated."""
+    texts: list[str] = []
+    for block in content:
+        if not isinstance(block, Mapping) or block.get("type") != "text":
+            raise ChatFormatError("content blocks must be objects with type 'text'")
+        text = block.get("text")
+        if not isinstance(text, str):
+            raise ChatFormatError("a text content block needs a string 'text'")
+        texts.append(text)
+    return texts
 
 
 def render_chat(messages: Sequence[object], *, add_generation_prompt: bool = True) -> str:
