@@ -35,6 +35,7 @@ from igw.framework.plugin import Handle, PluginParams
 from igw.framework.registry import register
 from igw.framework.requestcontrol import DataProducer
 from igw.parsing.tokenizer import (
+    Tokenizer,
     TokenizerError,
     TokenizerSet,
     TokenizerSettings,
@@ -102,7 +103,7 @@ class TokenProducer(DataProducer):
             return
         body = request.body or {}
         try:
-            ids = self._encode(tokenizer, request.path, body)
+            ids = self._encode(tokenizer, body)
         except (TokenizerError, ValueError, TypeError) as exc:
             self._miss("error", model, str(exc))
             return
@@ -119,7 +120,7 @@ class TokenProducer(DataProducer):
         )
 
     @staticmethod
-    def _encode(tokenizer: Any, path: str, body: Mapping[str, Any]) -> list[int] | None:
+    def _encode(tokenizer: Tokenizer, body: Mapping[str, Any]) -> list[int] | None:
         messages = body.get("messages")
         if isinstance(messages, list):
             return list(

@@ -49,7 +49,8 @@ from igw.framework.plugin import Duration, Handle, PluginParams
 from igw.framework.registry import register
 from igw.framework.requestcontrol import PreRequest
 from igw.framework.scheduling import SchedulingResult, Scorer, ScorerCategory
-from igw.scheduling.plugins.prefix_producer import MATCH_INFO_KEY, ApproxPrefixCacheProducer, PrefixCacheMatchInfo
+from igw.scheduling.plugins.prefix_producer import MATCH_INFO_KEY, ApproxPrefixCacheProducer
+from igw.scheduling.plugins.prefix_scorer import approx_scores
 
 log = logging.getLogger("igw.scheduling")
 
@@ -212,11 +213,7 @@ class PrecisePrefixCacheScorer(Scorer, PreRequest):
         self.fallbacks[reason] = self.fallbacks.get(reason, 0) + 1
         if self._fallback_counter is not None:
             self._fallback_counter.labels(reason).inc()
-        info = request.data.get(MATCH_INFO_KEY)
-        if not isinstance(info, PrefixCacheMatchInfo) or not info.total_blocks or not info.matched:
-            return [0.0] * len(candidates)
-        total = info.total_blocks
-        return [info.matched.get(c.address, 0) / total for c in candidates]
+        return approx_scores(request, candidates)
 
     def pre_request(self, request: InferenceRequest, result: SchedulingResult) -> None:
         ttl = self.params.speculative_ttl

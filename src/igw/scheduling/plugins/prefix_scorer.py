@@ -76,9 +76,15 @@ class PrefixCacheScorer(Scorer):
         return {"producerParams": dict(self.producer_params)} if self.producer_params else {}
 
     def score(self, request: InferenceRequest, candidates: Sequence[EndpointState]) -> list[float]:
-        info = request.data.get(MATCH_INFO_KEY)
-        if not isinstance(info, PrefixCacheMatchInfo) or not info.total_blocks or not info.matched:
-            return [0.0] * len(candidates)
-        matched = info.matched.get
-        total = info.total_blocks
-        return [matched(c.address, 0) / total for c in candidates]
+        return approx_scores(request, candidates)
+
+
+def approx_scores(request: InferenceRequest, candidates: Sequence[EndpointState]) -> list[float]:
+    """Matched leading blocks / request blocks per candidate, from the approximate producer's data
+    (0 everywhere without it)."""
+    info = request.data.get(MATCH_INFO_KEY)
+    if not isinstance(info, PrefixCacheMatchInfo) or not info.total_blocks or not info.matched:
+        return [0.0] * len(candidates)
+    matched = info.matched.get
+    total = info.total_blocks
+    return [matched(c.address, 0) / total for c in candidates]
