@@ -123,16 +123,22 @@ async def _stream(http: aiohttp.ClientSession, url: str, body: dict[str, Any], *
     """Send a streamed completion; the text, the usage and the response headers."""
     async with http.post(f"{url}/v1/completions", json=body, headers=headers) as r:
         assert r.status == 200, await r.text()
-        text, usage = [], {}
+        text, usage, events, done = [], {}, 0, False
         async for line in r.content:
-            if not line.startswith(b"data: ") or line.startswith(b"data: [DONE]"):
+            if not line.startswith(b"data: "):
+                continue
+            events += 1
+            if line.startswith(b"data: [DONE]"):
+                done = True
                 continue
             chunk = orjson.loads(line[6:])
             if chunk.get("choices"):
                 text.append(chunk["choices"][0].get("text", ""))
             if chunk.get("usage"):
                 usage = chunk["usage"]
-        return {"text": "".join(text), "usage": usage, "headers": dict(r.headers), "chunks": len(text)}
+        headers = {k.lower(): v for k, v in r.headers.items()}
+        return {"text": "".join(text), "usage": usage, "headers": headers, "chunks": len(text), "events": events,
+                "done": done}  # fmt: skip
 
 
 def _pool(engines: Engines) -> Any:
@@ -152,7 +158,12 @@ async def test_streams_through_igw_and_spreads_distinct_prompts(
     )
     for res in results:
         assert res["usage"]["completion_tokens"] == 24
-        assert res["chunks"] >= 2  # streamed, not one buffered body
+        # server-sent events passed through as events: content, then usage, then [DONE]. (How many tokens
+        # share one content event depends on how fast the engine runs ahead of its API server.)
+        assert res["headers"]["content-type"].startswith("text/event-stream")
+        assert res["chunks"] >= 1
+        assert res["events"] >= res["chunks"] + 2
+        assert res["done"]
     after = {a: _counters(await _metrics(http, a)) for a in engines.addresses}
     served = {
         a: after[a].get("vllm:request_success_total", 0) - before[a].get("vllm:request_success_total", 0)
@@ -187,16 +198,28 @@ async def test_metrics_of_real_engines_drive_the_decision(
     gw = await start_gateway([], pool=_pool(engines), body_mode=BodyMode.BUFFERED,
                              datalayer=DataLayerSettings(scrape_interval=0.05),
                              observability=ObservabilitySettings(decision_header=True))  # fmt: skip
-    # keep one engine busy with long generations, then ask for a decision
+    # keep one engine busy with long generations (more than max_num_seqs = 8, so some wait), wait until its
+    # own /metrics says so and a few scrapes have run, then ask for a decision while it is still busy
     busy = engines.addresses[0]
-    async with aiohttp.ClientSession() as direct, asyncio.TaskGroup() as group:
-        for i in range(11):  # more than max_num_seqs (8): some wait
-            group.create_task(_stream(direct, f"http://{busy}", _completion(_words(50 + i, 20), max_tokens=300)))
-        await asyncio.sleep(1.5)
-        async with http.post(f"{gw.url}/v1/completions", json=_completion(_words(3, 30), stream=False),
-                             headers={"x-igw-explain": "1"}) as r:  # fmt: skip
-            assert r.status == 200
-            decision = orjson.loads(r.headers["x-igw-decision"])
+    async with aiohttp.ClientSession() as direct:
+        load = [
+            asyncio.create_task(_stream(direct, f"http://{busy}", _completion(_words(50 + i, 20), max_tokens=1900)))
+            for i in range(11)
+        ]
+        try:
+            deadline = time.monotonic() + 60
+            while _counters(await _metrics(http, busy)).get("vllm:num_requests_waiting", 0) < 1:
+                assert time.monotonic() < deadline, "the busy engine never queued a request"
+                await asyncio.sleep(0.05)
+            await asyncio.sleep(0.3)
+            async with http.post(f"{gw.url}/v1/completions", json=_completion(_words(3, 30), stream=False),
+                                 headers={"x-igw-explain": "1"}) as r:  # fmt: skip
+                assert r.status == 200
+                decision = orjson.loads(r.headers["x-igw-decision"])
+        finally:
+            for task in load:
+                task.cancel()  # the engine aborts requests whose client went away
+            await asyncio.gather(*load, return_exceptions=True)
     scores = {c["endpoint"]: c["scores"] for c in decision["candidates"]}
     assert set(scores) == set(engines.addresses)
     others = [a for a in engines.addresses if a != busy]
