@@ -17,17 +17,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from igw.parsing.tokenizer import (
-    _SAFE_SPLIT_REGEXES,
-    ChatTemplateError,
-    PieceCache,
-    Tokenizer,
-    TokenizerError,
-    TokenizerSet,
-    TokenizerSettings,
-    TokenizerUnavailable,
-    chat_template_kwargs,
-)
+from igw.parsing.chat_template import chat_template_kwargs
+from igw.parsing.errors import ChatTemplateError, TokenizerError, TokenizerUnavailable
+from igw.parsing.tokenizer import _SAFE_SPLIT_REGEXES, PieceCache, Tokenizer, TokenizerSet, TokenizerSettings
 
 DATA = Path(__file__).parent / "data" / "tokenizer-parity"
 MODEL = DATA / "model"

@@ -34,14 +34,9 @@ from igw.api.types import TOKENIZED_PROMPT_KEY, EndpointState, InferenceRequest,
 from igw.framework.plugin import Handle, PluginParams
 from igw.framework.registry import register
 from igw.framework.requestcontrol import DataProducer
-from igw.parsing.tokenizer import (
-    Tokenizer,
-    TokenizerError,
-    TokenizerSet,
-    TokenizerSettings,
-    TokenizerUnavailable,
-    chat_template_kwargs,
-)
+from igw.parsing.chat_template import chat_template_kwargs
+from igw.parsing.errors import TokenizerError, TokenizerUnavailable
+from igw.parsing.tokenizer import Tokenizer, TokenizerSet, TokenizerSettings
 
 log = logging.getLogger("igw.parsing")
 
