@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, ClassVar
@@ -24,6 +25,7 @@ from igw.scheduling.plugins.profile_handler import SingleProfileHandler
 from igw.scheduling.plugins.random_picker import RandomPicker
 
 EXAMPLES = sorted((Path(__file__).parents[2] / "examples" / "config").glob("*.yaml"))
+TOKENIZER_DIR = Path(__file__).parent / "data" / "tokenizer-parity" / "model"
 HEAD = "apiVersion: inference.networking.x-k8s.io/v1alpha1\nkind: EndpointPickerConfig\n"
 
 
@@ -403,9 +405,18 @@ def test_flow_control_section_without_the_gate_is_ignored(caplog: pytest.LogCapt
 
 @pytest.mark.parametrize("path", EXAMPLES, ids=[p.stem for p in EXAMPLES])
 def test_example_configurations_load(path: Path) -> None:
-    config = load_text(path.read_text(), StaticHandle(), source=str(path))
+    # the examples' tokenizer directories (/models/...) stand for a real model's: a test one here
+    text = re.sub(r"/models/[\w.-]+", str(TOKENIZER_DIR), path.read_text())
+    config = load_text(text, StaticHandle(), source=str(path))
     assert config.profiles
     assert all(p.picker is not None for p in config.profiles)
+
+
+def test_a_broken_tokenizer_directory_is_a_configuration_error(tmp_path: Path) -> None:
+    (tmp_path / "tokenizer.json").write_text("{not json")
+    text = HEAD + f"plugins:\n- type: token-producer\n  parameters: {{tokenizer: '{tmp_path}'}}\n"
+    with pytest.raises(ConfigError, match=r"token-producer.*tokenizer\.json: not valid JSON"):
+        load(text)
 
 
 def test_examples_exist() -> None:

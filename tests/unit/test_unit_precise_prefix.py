@@ -92,13 +92,10 @@ def test_missing_tokenizer_batches_and_token_prompts() -> None:
     assert list(ids.data[TOKENIZED_PROMPT_KEY].token_ids) == [5, 6, 7]
 
 
-def test_a_broken_tokenizer_directory_fails_the_request_data_not_the_epp(tmp_path: Path) -> None:
+def test_a_broken_tokenizer_directory_is_refused_at_start_up(tmp_path: Path) -> None:
     (tmp_path / "tokenizer.json").write_text("{not json")
-    p = producer(tokenizers={"m": str(tmp_path)})
-    req = request({"model": "m", "prompt": "x"})
-    p.prepare(req, CANDIDATES)
-    assert TOKENIZED_PROMPT_KEY not in req.data
-    assert p.missing == {"error": 1}
+    with pytest.raises(ValueError, match=r"tokenizer\.json: not valid JSON"):
+        producer(tokenizers={"m": str(tmp_path)})
 
 
 # -- precise-prefix-cache-scorer -------------------------------------------------------------------

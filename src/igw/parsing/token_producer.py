@@ -78,6 +78,7 @@ class TokenProducer(DataProducer):
         settings = TokenizerSettings(prefix_cache_max_tokens=params.prefix_cache_max_tokens)
         try:
             tokenizers = TokenizerSet(directories, adapters=params.lora_adapters, settings=settings)
+            tokenizers.load_all()
         except TokenizerError as exc:
             raise ValueError(str(exc)) from None
         return cls(name, tokenizers=tokenizers, described=params.model_dump(by_alias=True, exclude_defaults=True))

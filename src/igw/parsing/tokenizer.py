@@ -639,6 +639,12 @@ class TokenizerSet:
         self._loaded: dict[Path, Tokenizer] = {}
         self._lock = threading.Lock()
 
+    def load_all(self) -> None:
+        """Load every configured tokenizer now (start-up: a broken directory is a configuration error
+        naming the file, not a fallback discovered on the first request). Raises :class:`TokenizerError`."""
+        for model in self._dirs:
+            self.get(model)
+
     def resolve(self, model: str) -> str:
         """The model whose tokenizer serves ``model`` (itself, or an adapter's base model)."""
         base = self._adapters.get(model, model)
