@@ -203,3 +203,26 @@ def chat(content: str = "hello", **extra: Any) -> dict[str, Any]:
 
 
 __all__ = ["FAST_ENGINE", "RunningGateway", "Trap", "chat", "eventually", "free_port"]
+
+
+def precise_config(zmq_port: int, tokenizers: dict[str, str], *, prefix: int = 3, queue: int = 1, kv: int = 1) -> str:
+    """An EndpointPickerConfig with the precise prefix scorer (bound on ``zmq_port`` for the engines'
+    KV events, one tokenizer directory per model), the queue and KV scorers, and these weights."""
+    models = ", ".join(f'{model}: "{path}"' for model, path in tokenizers.items())
+    return f"""
+apiVersion: inference.networking.x-k8s.io/v1alpha1
+kind: EndpointPickerConfig
+plugins:
+- type: precise-prefix-cache-scorer
+  parameters:
+    kvEvents: {{bind: "tcp://127.0.0.1:{zmq_port}"}}
+    tokenizers: {{{models}}}
+- type: queue-scorer
+- type: kv-cache-utilization-scorer
+schedulingProfiles:
+- name: default
+  plugins:
+  - {{pluginRef: precise-prefix-cache-scorer, weight: {prefix}}}
+  - {{pluginRef: queue-scorer, weight: {queue}}}
+  - {{pluginRef: kv-cache-utilization-scorer, weight: {kv}}}
+"""

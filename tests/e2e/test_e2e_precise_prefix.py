@@ -11,7 +11,7 @@ from typing import Any
 import aiohttp
 import orjson
 import pytest
-from e2e_support import GatewayFactory, eventually, free_port
+from e2e_support import GatewayFactory, eventually, free_port, precise_config
 
 from igw.config.settings import BodyMode, DataLayerSettings, ObservabilitySettings
 from igw.scheduling.plugins.precise_prefix import PrecisePrefixCacheScorer
@@ -24,24 +24,8 @@ TOKENIZER = Path(__file__).resolve().parents[1] / "sim" / "data" / "hf-tokenizer
 MODEL = "sim-model"
 
 
-def precise_config(zmq_port: int, *, tokenizer_model: str = MODEL) -> str:
-    return f"""
-apiVersion: inference.networking.x-k8s.io/v1alpha1
-kind: EndpointPickerConfig
-plugins:
-- type: precise-prefix-cache-scorer
-  parameters:
-    kvEvents: {{bind: "tcp://127.0.0.1:{zmq_port}"}}
-    tokenizers: {{{tokenizer_model}: "{TOKENIZER}"}}
-- type: queue-scorer
-- type: kv-cache-utilization-scorer
-schedulingProfiles:
-- name: default
-  plugins:
-  - {{pluginRef: precise-prefix-cache-scorer, weight: 3}}
-  - {{pluginRef: queue-scorer, weight: 1}}
-  - {{pluginRef: kv-cache-utilization-scorer, weight: 1}}
-"""
+def _config(zmq_port: int, *, tokenizer_model: str = MODEL) -> str:
+    return precise_config(zmq_port, {tokenizer_model: str(TOKENIZER)})
 
 
 @pytest.fixture
@@ -82,7 +66,7 @@ async def _send(http: aiohttp.ClientSession, url: str, body: dict[str, Any], **h
 async def test_groups_follow_the_engines_that_really_hold_them(
     hf_fleet: SimFleet, zmq_port: int, start_gateway: GatewayFactory, http: aiohttp.ClientSession
 ) -> None:
-    gw = await start_gateway(hf_fleet.addresses, config_text=precise_config(zmq_port), body_mode=BodyMode.BUFFERED,
+    gw = await start_gateway(hf_fleet.addresses, config_text=_config(zmq_port), body_mode=BodyMode.BUFFERED,
                              datalayer=DataLayerSettings(scrape_interval=0.05))  # fmt: skip
     scorer = _scorer(gw)
     systems = [_words(100 + g, 300) for g in range(6)]
@@ -108,7 +92,7 @@ async def test_groups_follow_the_engines_that_really_hold_them(
 async def test_a_burst_sharing_a_prefix_lands_together_before_any_event(
     hf_fleet: SimFleet, zmq_port: int, start_gateway: GatewayFactory, http: aiohttp.ClientSession
 ) -> None:
-    gw = await start_gateway(hf_fleet.addresses, config_text=precise_config(zmq_port), body_mode=BodyMode.BUFFERED,
+    gw = await start_gateway(hf_fleet.addresses, config_text=_config(zmq_port), body_mode=BodyMode.BUFFERED,
                              datalayer=DataLayerSettings(scrape_interval=0.05))  # fmt: skip
     system = _words(7, 400)
     picks: list[str] = []
@@ -128,7 +112,7 @@ async def test_a_burst_sharing_a_prefix_lands_together_before_any_event(
 async def test_the_decision_shows_the_precise_score_of_the_holder(
     hf_fleet: SimFleet, zmq_port: int, start_gateway: GatewayFactory, http: aiohttp.ClientSession
 ) -> None:
-    gw = await start_gateway(hf_fleet.addresses, config_text=precise_config(zmq_port), body_mode=BodyMode.BUFFERED,
+    gw = await start_gateway(hf_fleet.addresses, config_text=_config(zmq_port), body_mode=BodyMode.BUFFERED,
                              observability=ObservabilitySettings(decision_header=True))  # fmt: skip
     scorer = _scorer(gw)
     # ZMQ's slow joiner: what an engine publishes before its connection to the EPP is up is lost
@@ -156,7 +140,7 @@ async def test_the_decision_shows_the_precise_score_of_the_holder(
 async def test_without_a_tokenizer_for_the_model_it_falls_back_and_counts_it(
     hf_fleet: SimFleet, zmq_port: int, start_gateway: GatewayFactory, http: aiohttp.ClientSession
 ) -> None:
-    config = precise_config(zmq_port, tokenizer_model="some-other-model")
+    config = _config(zmq_port, tokenizer_model="some-other-model")
     gw = await start_gateway(hf_fleet.addresses, config_text=config, body_mode=BodyMode.BUFFERED)
     system = _words(5, 200)
     served = set()

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import os
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,7 +22,7 @@ import msgpack
 import orjson
 import pytest
 import zmq
-from e2e_support import GatewayFactory, free_port
+from e2e_support import GatewayFactory, eventually, free_port, precise_config
 from prometheus_client.parser import text_string_to_metric_families
 
 from igw.config.pool import parse_pool
@@ -45,10 +46,45 @@ def _missing() -> str | None:
     return None
 
 
+class EventRelay:
+    """Forwards every KV-event message the engines publish to two readers: this module's own socket and
+    the port a gateway under test binds (a PUB socket connects to both; ZMQ reconnects until the
+    gateway binds, and drops what is published while nobody listens)."""
+
+    def __init__(self, ctx: zmq.Context[zmq.Socket[bytes]], inbound: str, outbound: list[str]) -> None:
+        self._ctx, self._inbound, self._outbound = ctx, inbound, outbound
+        self._stop = threading.Event()
+        self._ready = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="kv-event-relay", daemon=True)
+        self._thread.start()
+        self._ready.wait(5)
+
+    def _run(self) -> None:
+        front = self._ctx.socket(zmq.SUB)
+        front.setsockopt(zmq.SUBSCRIBE, b"")
+        front.bind(self._inbound)
+        back = self._ctx.socket(zmq.PUB)
+        for address in self._outbound:
+            back.connect(address)
+        self._ready.set()
+        try:
+            while not self._stop.is_set():
+                if front.poll(100):
+                    back.send_multipart(front.recv_multipart())
+        finally:
+            front.close(linger=0)
+            back.close(linger=0)
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(5)
+
+
 class Engines:
-    def __init__(self, procs: list[serve.EngineProcess], events: zmq.Socket[bytes]) -> None:
+    def __init__(self, procs: list[serve.EngineProcess], events: zmq.Socket[bytes], gateway_events_port: int) -> None:
         self.procs = procs
         self.events = events
+        self.gateway_events_port = gateway_events_port  # where a gateway under test binds to get the events
         self.addresses = [f"{p.spec.host}:{p.spec.port}" for p in procs]
 
     def drain_events(self, *, quiet_s: float = 1.0, max_s: float = 10.0) -> list[tuple[str, list[Any]]]:
@@ -73,8 +109,10 @@ def engines() -> Iterator[Engines]:
     ctx = zmq.Context.instance()
     sub = ctx.socket(zmq.SUB)
     sub.setsockopt(zmq.SUBSCRIBE, b"")
-    events_port = free_port()
-    sub.bind(f"tcp://127.0.0.1:{events_port}")
+    sub_port, events_port, gateway_port = free_port(), free_port(), free_port()
+    sub.bind(f"tcp://127.0.0.1:{sub_port}")
+    relay = EventRelay(ctx, f"tcp://127.0.0.1:{events_port}",
+                       [f"tcp://127.0.0.1:{sub_port}", f"tcp://127.0.0.1:{gateway_port}"])  # fmt: skip
     specs = [
         serve.EngineSpec(
             port=free_port(), model_dir=str(HOME / "tiny-model"), served_name=MODEL, num_blocks=128,
@@ -86,9 +124,10 @@ def engines() -> Iterator[Engines]:
     procs = serve.start_engines(specs, python=str(HOME / "venv" / "bin" / "python"), log_dir=HOME / "e2e-logs")
     try:
         serve.wait_ready(procs, timeout=400)
-        yield Engines(procs, sub)
+        yield Engines(procs, sub, gateway_port)
     finally:
         serve.stop_engines(procs)
+        relay.close()
         sub.close(linger=0)
 
 
@@ -288,3 +327,77 @@ async def test_igw_tokenizes_like_the_engines_tokenize_endpoint(engines: Engines
             expected = (await r.json())["tokens"]
         got = tokenizer.encode_chat(chat["messages"], add_generation_prompt=chat.get("add_generation_prompt", True))
         assert got == expected, chat
+
+
+async def test_precise_prefix_routing_follows_the_real_engines_events(
+    engines: Engines, start_gateway: GatewayFactory, http: aiohttp.ClientSession
+) -> None:
+    """The engines' own KV-cache events, keyed from igw's tokenization, locate prompts igw never saw
+    (sent straight to an engine): completions and chats, and an engine's cleared cache."""
+    from igw.datalayer.kvevents.index import KVBlockIndex
+    from igw.parsing.tokenizer import Tokenizer
+    from igw.scheduling.plugins.precise_prefix import PrecisePrefixCacheScorer
+
+    config = precise_config(engines.gateway_events_port, {MODEL: str(HOME / "tiny-model")}, queue=2, kv=2)
+    gw = await start_gateway([], pool=_pool(engines), body_mode=BodyMode.BUFFERED, config_text=config,
+                             datalayer=DataLayerSettings(scrape_interval=0.05),
+                             observability=ObservabilitySettings(decision_header=True))  # fmt: skip
+    scorer = gw.epp.config.plugins["precise-prefix-cache-scorer"]
+    assert isinstance(scorer, PrecisePrefixCacheScorer)
+    index: KVBlockIndex = scorer.index
+    tokenizer = Tokenizer.from_dir(HOME / "tiny-model")
+    block = 32  # tools/vllm/serve.py's block size
+
+    async def direct(address: str, path: str, body: dict[str, Any]) -> dict[str, Any]:
+        async with http.post(f"http://{address}{path}", json={**body, "stream": False}) as r:
+            assert r.status == 200, await r.text()
+            return dict(await r.json())
+
+    # the relay connects to the EPP's socket once it is bound; until then events are dropped
+    for i in range(40):
+        await direct(
+            engines.addresses[1], "/v1/completions", _completion(f"warm-up {i} " + _words(i, 40), stream=False)
+        )
+        if await eventually(lambda: index.stats().engine_hashes > 0, within=0.5):
+            break
+    assert index.stats().engine_hashes > 0, "no KV event reached the EPP"
+
+    def held(keys: list[int], address: str) -> int:
+        found = index.match_prefix(keys, engines.addresses)
+        return found[address].blocks if address in found else 0
+
+    # a completion prompt sent straight to one engine: the EPP finds every one of its full blocks there
+    holder = engines.addresses[2]
+    prompt = _words(21, 300)
+    keys = index.request_keys(tokenizer.encode_completion(prompt), block)
+    assert len(keys) >= 10
+    await direct(holder, "/v1/completions", _completion(prompt, max_tokens=2, stream=False))
+    assert await eventually(lambda: held(keys, holder) == len(keys), within=5.0), held(keys, holder)
+    assert all(held(keys, a) == 0 for a in engines.addresses if a != holder)
+
+    # a request through the gateway sharing that prompt goes to the engine that holds it, and hits
+    async with http.post(f"{gw.url}/v1/completions", json=_completion(f"{prompt} and then", stream=False),
+                         headers={"x-igw-explain": "1"}) as r:  # fmt: skip
+        assert r.status == 200
+        decision = orjson.loads(r.headers["x-igw-decision"])
+        usage = (await r.json())["usage"]
+    scores = {c["endpoint"]: c["scores"]["precise-prefix-cache-scorer"] for c in decision["candidates"]}
+    assert scores[holder] > 0.8, scores
+    assert all(s == 0.0 for a, s in scores.items() if a != holder), scores
+    assert decision["picked"] == holder
+    assert int(usage["prompt_tokens_details"]["cached_tokens"]) >= (len(keys) - 1) * block
+    assert scorer.fallbacks == {}
+
+    # a chat: the keys of igw's rendering of the chat template match the engine's blocks
+    messages = [{"role": "system", "content": _words(31, 120)}, {"role": "user", "content": _words(32, 60)}]
+    chat_keys = index.request_keys(tokenizer.encode_chat(messages, add_generation_prompt=True), block)
+    await direct(engines.addresses[0], "/v1/chat/completions",
+                 {"model": MODEL, "messages": messages, "max_tokens": 2, "temperature": 0})  # fmt: skip
+    assert await eventually(lambda: held(chat_keys, engines.addresses[0]) == len(chat_keys), within=5.0)
+
+    # the engine empties its cache (AllBlocksCleared): the EPP forgets what it held
+    async with http.post(f"http://{holder}/reset_prefix_cache") as r:
+        assert r.status == 200, await r.text()
+    # the engine publishes its pending events when it next runs a step: give it one
+    await direct(holder, "/v1/completions", _completion("one more", max_tokens=1, stream=False))
+    assert await eventually(lambda: held(keys, holder) == 0, within=5.0), held(keys, holder)
