@@ -89,7 +89,11 @@ def build_step(opts: CompareOptions, qps: float, duration: float, seed: int, tag
 
 def describe_workload(opts: CompareOptions) -> str:
     spec = _workload_spec(opts.workload, opts.qps[0], opts.step_s, opts.seed)
-    return build_workload(spec, cluster_kv_tokens=opts.fleet.kv_tokens).description.rsplit(";", 1)[0]
+    text = build_workload(spec, cluster_kv_tokens=opts.fleet.kv_tokens).description.rsplit(";", 1)[0]
+    if isinstance(opts.fleet, SimFleetSpec) and opts.fleet.tokenizer is not None:
+        # the generator's lengths are words of text; a real tokenizer makes more tokens of each
+        text += " (lengths and KV share counted in words: the servers' tokenizer makes more tokens of each)"
+    return text
 
 
 def server_stats(servers: dict[str, Counters]) -> dict[str, Any]:
