@@ -85,7 +85,7 @@ async def test_groups_follow_the_engines_that_really_hold_them(
     assert all(len(endpoints) == 1 for endpoints in served.values()), served
     assert len({next(iter(e)) for e in served.values()}) >= 2  # the groups are spread over the engines
     assert all(c >= 256 for c in cached), cached  # every repeat hit the system prompt's blocks
-    assert scorer.fallbacks == {}
+    assert "no-tokens" not in scorer.fallbacks  # (a group's first request has no holder yet)
     assert scorer.index.stats().keys > 0
 
 

@@ -160,6 +160,21 @@ def test_without_tokens_it_uses_the_approximate_index_and_counts_it() -> None:
     assert registry.get_sample_value("igw_precise_prefix_fallbacks_total", {"reason": "no-tokens"}) == 1.0
 
 
+def test_a_prefix_nobody_holds_goes_where_the_approximate_index_sent_it() -> None:
+    s = scorer(blockSize=4, speculativeTTL=0)
+    req = request({})
+    req.data[TOKENIZED_PROMPT_KEY] = TokenizedPrompt(_tokens(16), "m")
+    req.data[MATCH_INFO_KEY] = PrefixCacheMatchInfo(4, {B: 3}, 16, [1, 2, 3, 4])
+    assert s.score(req, CANDIDATES) == [0.0, 0.75, 0.0]  # evicted everywhere: B is where it went
+    assert s.fallbacks == {"no-holder": 1}
+    s.index.apply(C, _stored(_tokens(8)))  # C really holds the first two blocks: that wins
+    assert s.score(req, CANDIDATES) == [0.0, 0.0, 0.5]
+    assert s.fallbacks == {"no-holder": 1}
+    off = scorer(blockSize=4, speculativeTTL=0, unheldFallback=False)
+    assert off.score(req, CANDIDATES) == [0.0, 0.0, 0.0]
+    assert off.fallbacks == {}
+
+
 def test_lora_requests_only_match_blocks_of_that_adapter() -> None:
     s = scorer(blockSize=4, speculativeTTL=0)
     tokens = _tokens(8)

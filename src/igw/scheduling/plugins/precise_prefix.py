@@ -12,9 +12,11 @@ After a pick the request's blocks are entered *speculatively* for the chosen end
 ``speculativeTTL`` (2 s), so a burst sharing a prefix lands together before the engine's events
 arrive; an event confirms or removes them.
 
-Without tokens (no tokenizer for the model, a request that cannot be tokenized) the scorer falls
-back to the approximate index of ``approx-prefix-cache-producer`` (added by default) and counts it in
-``igw_precise_prefix_fallbacks_total{reason}``.
+Without tokens (no tokenizer for the model, a request that cannot be tokenized: reason
+``no-tokens``), and when no endpoint holds even the request's first block (``no-holder``: a new
+prefix, or one evicted everywhere; ``unheldFallback``), the scorer scores from the approximate index
+of ``approx-prefix-cache-producer`` (added by default: it remembers where requests were sent) and
+counts it in ``igw_precise_prefix_fallbacks_total{reason}``.
 
 Parameters::
 
@@ -28,6 +30,7 @@ Parameters::
     speculativeTTL: 2s              # 0 disables
     maxKeys: 2000000                # index entries (LRU)
     hashSeed: ""
+    unheldFallback: true            # no endpoint holds a block: score from the approximate index
     tokenizers / tokenizer / loraAdapters   # handed to the default token-producer
 """
 
@@ -82,6 +85,7 @@ class PreciseParams(PluginParams):
     speculative_ttl: Duration = Field(default=2.0, alias="speculativeTTL")
     max_keys: int = Field(default=2_000_000, ge=1)
     hash_seed: str = ""
+    unheld_fallback: bool = True
     tokenizers: dict[str, str] | None = None
     tokenizer: str | None = None
     lora_adapters: dict[str, str] | None = None
@@ -204,6 +208,11 @@ class PrecisePrefixCacheScorer(Scorer, PreRequest):
             return [0.0] * len(candidates)
         matched = self.index.match(keys, [c.address for c in candidates], self.tier_weights)
         if not matched:
+            if self.params.unheld_fallback:
+                # Nobody holds even the first block: a new prefix, or one evicted everywhere. The
+                # approximate index still knows where such requests went; sending it there again
+                # keeps the prefix on one server instead of spreading copies that evict each other.
+                return self._fallback(request, candidates, "no-holder")
             return [0.0] * len(candidates)
         scale = 1.0 / (len(keys) * self._top_weight)
         get = matched.get
