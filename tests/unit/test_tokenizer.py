@@ -10,6 +10,7 @@ import copy
 import itertools
 import json
 import shutil
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +22,9 @@ from igw.parsing.chat_template import chat_template_kwargs
 from igw.parsing.errors import ChatTemplateError, TokenizerError, TokenizerUnavailable
 from igw.parsing.tokenizer import _SAFE_SPLIT_REGEXES, PieceCache, Tokenizer, TokenizerSet, TokenizerSettings
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tools" / "tokenizer"))
+from make_parity_fixture import build_variant_dir
+
 DATA = Path(__file__).parent / "data" / "tokenizer-parity"
 MODEL = DATA / "model"
 FIXTURE: dict[str, Any] = json.loads((DATA / "parity.json").read_text(encoding="utf-8"))
@@ -28,17 +32,8 @@ QWEN2_SPLIT = next(r for r in _SAFE_SPLIT_REGEXES if r"\p{N}|" in r)
 
 
 def build_variant(dest: Path, variant: dict[str, Any], base: Path = MODEL) -> Path:
-    """The fixture's variant directory (same recipe as make_parity_fixture.build_variant_dir)."""
-    dest.mkdir(parents=True, exist_ok=True)
-    tok_json = json.loads((base / "tokenizer.json").read_text(encoding="utf-8"))
-    tok_json.update(copy.deepcopy(variant.get("json_patch", {})))
-    (dest / "tokenizer.json").write_text(json.dumps(tok_json, ensure_ascii=False), encoding="utf-8")
-    config = json.loads((base / "tokenizer_config.json").read_text(encoding="utf-8"))
-    config.update(copy.deepcopy(variant.get("config_patch", {})))
-    (dest / "tokenizer_config.json").write_text(json.dumps(config, ensure_ascii=False), encoding="utf-8")
-    template = variant["template_file"] if "template_file" in variant else (base / "chat_template.jinja").read_text()
-    if template is not None:
-        (dest / "chat_template.jinja").write_text(template, encoding="utf-8")
+    """The fixture's variant directory, written by the fixture maker's own recipe."""
+    build_variant_dir(base, variant, dest)
     return dest
 
 
